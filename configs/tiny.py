@@ -1,0 +1,40 @@
+"""Tiny SOLOv2 for tests and the demo: light R18 head on 128-px images, 4 demo classes.
+
+Same code paths as the real configs, with shapes small enough for a 2-core CPU.
+"""
+
+from solov2_jax.config import solov2_config
+
+
+def get_config():
+    c = solov2_config(
+        depth=18,
+        light=True,
+        epochs=4,
+        milestones=(3,),
+        warmup_ratio=0.1,
+        train_scales=((160, 128), (160, 96)),
+        test_scale=(160, 128),
+        num_classes=4,
+    )
+    c.model.feat_channels = 64
+    c.model.mask_feature_channels = 32
+    c.model.mask_out_channels = 32
+    c.model.fpn_channels = 64
+    c.model.gn_groups = 8
+    c.model.num_grids = (12, 10, 8, 6, 4)
+    c.model.scale_ranges = ((1, 24), (12, 48), (24, 96), (48, 192), (96, 512))
+    c.loss.max_positives = 128
+    c.test.max_candidates = 200
+    c.test.nms_pre = 100
+    c.test.max_per_img = 20
+    c.data.per_device_batch = 2
+    c.data.max_instances = 16
+    c.data.min_size = 4
+    c.data.shuffle_buffer = 64
+    c.optim.lr = 0.01
+    c.optim.warmup_iters = 20
+    c.optim.reference_batch = 2
+    c.train.log_every = 5
+    c.checkpoint.every_steps = 20
+    return c

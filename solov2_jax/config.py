@@ -1,0 +1,167 @@
+"""Shared config defaults: one builder per mmdet SOLOv2 family, used by `configs/*.py`.
+
+Every `configs/<mmdet name>.py` calls `solov2_config(...)` with the few values that differ
+between variants, so the defaults below are the single place where mmdet 3.3.0's numbers
+live. The sections mirror mmdet's config: `model`, `loss`, `test` (mmdet's `test_cfg`
+names), `data`, `optim`, plus `train` / `checkpoint` for the JAX runner.
+
+Jitted code never receives this ConfigDict: callers unpack plain Python values from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ml_collections
+
+# mmdet's ImageNet RGB statistics (data_preprocessor, bgr_to_rgb=True).
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+# Short sides used by mmdet's multi-scale (ms-3x) schedules.
+MS_SHORT_SIDES = (800, 768, 736, 704, 672, 640)
+LIGHT_MS_SHORT_SIDES = (512, 480, 448, 416, 384, 352)
+
+# ResNet output channels of C2..C5 for each depth.
+RESNET_CHANNELS = {
+    18: (64, 128, 256, 512),
+    34: (64, 128, 256, 512),
+    50: (256, 512, 1024, 2048),
+    101: (256, 512, 1024, 2048),
+}
+
+
+def solov2_config(
+    *,
+    depth: int = 50,
+    light: bool = False,
+    epochs: int = 12,
+    milestones: Sequence[int] = (8, 11),
+    warmup_ratio: float = 0.001,
+    train_scales: Sequence[tuple[int, int]] = ((1333, 800),),
+    test_scale: tuple[int, int] = (1333, 800),
+    num_classes: int = 80,
+) -> ml_collections.ConfigDict:
+    """Returns a full SOLOv2 config; `light=True` gives mmdet's `solov2-light` head."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.depth = depth
+    c.model.frozen_stages = 1
+    c.model.backbone_channels = RESNET_CHANNELS[depth]
+    c.model.fpn_channels = 256
+    c.model.fpn_num_outs = 5
+    c.model.num_classes = num_classes
+    c.model.feat_channels = 256 if light else 512
+    c.model.stacked_convs = 2 if light else 4
+    c.model.strides = (8, 8, 16, 32, 32)
+    c.model.scale_ranges = (
+        ((1, 56), (28, 112), (56, 224), (112, 448), (224, 896))
+        if light
+        else ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
+    )
+    c.model.pos_scale = 0.2
+    c.model.num_grids = (40, 36, 24, 16, 12)
+    c.model.cls_down_index = 0
+    c.model.gn_groups = 32
+    c.model.mask_feature_channels = 128
+    c.model.mask_out_channels = 128 if light else 256
+    c.model.mask_stride = 4
+    # Kernel size of the dynamic conv (mmdet: dynamic_conv_size=1 -> E = out_channels).
+    c.model.dynamic_conv_size = 1
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.dice_weight = 3.0
+    c.loss.dice_eps = 1e-3
+    c.loss.focal_gamma = 2.0
+    c.loss.focal_alpha = 0.25
+    c.loss.focal_weight = 1.0
+    # 'per_device' reproduces mmdet (num_pos counted on each device, not all-reduced);
+    # 'global' divides by the positive count summed over all devices (psum).
+    c.loss.normalization = "per_device"
+    # Fixed capacity of positive (cell, instance) pairs per image; overflow is counted.
+    c.loss.max_positives = 512
+
+    c.test = ml_collections.ConfigDict()
+    c.test.nms_pre = 500
+    c.test.score_thr = 0.1
+    c.test.mask_thr = 0.5
+    c.test.filter_thr = 0.05
+    c.test.kernel = "gaussian"
+    c.test.sigma = 2.0
+    c.test.max_per_img = 100
+    # Static cap on (cell, class) candidates before Matrix NMS; exact whenever the true
+    # number of candidates above score_thr is <= this value.
+    c.test.max_candidates = 1000
+
+    c.data = ml_collections.ConfigDict()
+    c.data.coco_dir = ""  # empty: use the generated demo dataset
+    c.data.data_dir = ""  # TFDS data dir; empty: <workdir>/tfds
+    c.data.dataset = "coco_instance_seg"
+    c.data.train_split = "train"
+    c.data.eval_split = "val"
+    c.data.train_scales = tuple(tuple(s) for s in train_scales)
+    c.data.test_scale = tuple(test_scale)
+    c.data.mean = PIXEL_MEAN
+    c.data.std = PIXEL_STD
+    c.data.pad_size_divisor = 32
+    c.data.flip_prob = 0.5
+    c.data.per_device_batch = 2
+    c.data.eval_per_device_batch = 1
+    c.data.max_instances = 100
+    c.data.filter_empty_gt = True
+    c.data.min_size = 32
+    c.data.shuffle_buffer = 1000
+    c.data.seed = 0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 0.01  # for 16 images per step (8 devices x 2)
+    c.optim.reference_batch = 16
+    c.optim.scale_lr_by_batch = False
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 1e-4
+    c.optim.grad_clip_norm = 35.0
+    c.optim.epochs = epochs
+    c.optim.milestones = tuple(milestones)
+    c.optim.gamma = 0.1
+    c.optim.warmup_iters = 500
+    c.optim.warmup_ratio = warmup_ratio
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_train_images = 118287  # COCO train2017; replaced by the dataset's size
+    c.train.log_every = 50
+    c.train.eval_every_epochs = 1
+    c.train.seed = 42
+    c.train.pretrained = ""  # backbone init from `solov2_jax.convert torchvision`
+    c.train.init_checkpoint = ""  # full-model init from `solov2_jax.convert mmdet`
+    c.train.max_steps = -1  # >0 stops early (smoke runs)
+    c.train.dtype = "float32"
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.max_to_keep = 3
+    return c
+
+
+def light_ms3x_config(depth: int) -> ml_collections.ConfigDict:
+    """mmdet `solov2-light_r{depth}_fpn_ms-3x_coco`."""
+    return solov2_config(
+        depth=depth,
+        light=True,
+        epochs=36,
+        milestones=(27, 33),
+        warmup_ratio=1.0 / 3,
+        train_scales=tuple((768, s) for s in LIGHT_MS_SHORT_SIDES),
+        test_scale=(768, 448),
+    )
+
+
+def ms3x_config(depth: int) -> ml_collections.ConfigDict:
+    """mmdet `solov2_r{depth}_fpn_ms-3x_coco`."""
+    return solov2_config(
+        depth=depth,
+        epochs=36,
+        milestones=(27, 33),
+        warmup_ratio=1.0 / 3,
+        train_scales=tuple((1333, s) for s in MS_SHORT_SIDES),
+    )

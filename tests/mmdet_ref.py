@@ -1,0 +1,104 @@
+"""Helpers that drive the real mmdetection 3.3.0 for parity tests.
+
+mmcv-lite has no compiled `mmcv._ext`; SOLOv2 without DCN never calls a compiled op on
+CPU, but `import mmdet.models` imports `mmcv.ops`, which loads `_ext` at import time. We
+register a stand-in whose every attribute raises, so an accidental call fails loudly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+CONFIG_DIR = None
+
+
+class _MissingExt(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def _fail(*args, **kwargs):
+            raise NotImplementedError(f"mmcv._ext.{name} is not available (mmcv-lite)")
+
+        return _fail
+
+
+def import_mmdet():
+    """Imports mmdet (and torch) or skips the test if the parity extra is absent."""
+    global CONFIG_DIR
+    pytest.importorskip("torch")
+    pytest.importorskip("mmdet")
+    if importlib.util.find_spec("mmcv._ext") is None and "mmcv._ext" not in sys.modules:
+        sys.modules["mmcv._ext"] = _MissingExt("mmcv._ext")
+    import mmdet
+    import torch
+    from mmdet.utils import register_all_modules
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # init_weights() logs one INFO block per parameter; keep test output readable.
+    logging.getLogger("mmengine").setLevel(logging.WARNING)
+    register_all_modules()
+    CONFIG_DIR = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", "solov2")
+    return mmdet
+
+
+def load_config(name: str):
+    """mmdet's shipped config `<name>.py` with the pretrained-backbone download removed."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(os.path.join(CONFIG_DIR, f"{name}.py"))
+    cfg.model.backbone.init_cfg = None
+    return cfg
+
+
+def build_model(name: str, seed: int = 0, test_cfg: dict | None = None):
+    """Builds mmdet's SOLOv2 `name` with random weights and randomised BN/GN statistics.
+
+    ResNet's default init makes eval-mode BN ~identity and zeroes the last BN of each
+    block, which would make a parity test prove little; every norm layer gets random
+    affine parameters and running statistics instead.
+    """
+    import torch
+    from mmdet.registry import MODELS
+
+    cfg = load_config(name)
+    if test_cfg:
+        cfg.model.test_cfg.update(test_cfg)
+    torch.manual_seed(seed)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+                n = m.weight.shape[0]
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.2 * torch.randn(n, generator=g))
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            if isinstance(m, torch.nn.Conv2d):
+                # He-like scale keeps activations O(1) through deep stacks.
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (1.0 / fan_in) ** 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    model.eval()
+    return model, cfg
+
+
+def to_nchw(x: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def to_nhwc(t) -> np.ndarray:
+    return np.transpose(t.detach().cpu().numpy(), (0, 2, 3, 1))
