@@ -43,7 +43,9 @@ def import_mmdet():
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     # init_weights() logs one INFO block per parameter; keep test output readable.
-    logging.getLogger("mmengine").setLevel(logging.WARNING)
+    from mmengine.logging import MMLogger
+
+    MMLogger.get_current_instance().setLevel(logging.WARNING)
     register_all_modules()
     CONFIG_DIR = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", "solov2")
     return mmdet
