@@ -1,0 +1,57 @@
+"""mmcv's `ConvModule` (conv -> optional GroupNorm -> optional ReLU) with torch padding.
+
+Submodules are named `conv` and `gn` like mmcv's, so a checkpoint key
+`<prefix>.conv.weight` / `<prefix>.gn.weight` maps to `<prefix>/conv/kernel` /
+`<prefix>/gn/scale`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Any
+
+# torch's GroupNorm default.
+GN_EPS = 1e-5
+
+
+class ConvModule(nn.Module):
+    """mmcv `ConvModule`: k x k conv (stride 1, padding k // 2), GN and ReLU optional.
+
+    As in mmcv (`bias='auto'`), the conv has a bias only when no norm layer follows.
+    """
+
+    features: int
+    kernel_size: int = 3
+    gn_groups: int | None = None  # None: no GroupNorm
+    activation: bool = True
+    kernel_init: Initializer = nn.initializers.normal(0.01)
+    dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, Cin] -> [B, H, W, features]."""
+        p = self.kernel_size // 2
+        x = nn.Conv(
+            self.features,
+            (self.kernel_size, self.kernel_size),
+            padding=((p, p), (p, p)),
+            use_bias=self.gn_groups is None,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            precision=self.precision,
+            name="conv",
+        )(x)
+        if self.gn_groups is not None:
+            # Two-pass variance (as torch) instead of E[x^2] - E[x]^2, which loses digits.
+            x = nn.GroupNorm(num_groups=self.gn_groups, epsilon=GN_EPS, dtype=self.dtype,
+                             use_fast_variance=False, name="gn")(x)
+        if self.activation:
+            x = nn.relu(x)
+        return x

@@ -1,0 +1,161 @@
+"""ResNet-18/34/50/101 backbone, pytorch style, matching mmdet 3.3.0 `ResNet`.
+
+Layout follows the Flax ImageNet example; submodule names mirror mmdet's state_dict
+(`conv1`, `bn1`, `layer{s}_{b}/conv{c}`, `layer{s}_{b}/bn{c}`, `layer{s}_0/downsample_0|1`)
+so checkpoint conversion is a name table. Activations are NHWC, kernels HWIO.
+
+BatchNorm always runs in inference mode (mmdet `norm_eval=True`): it normalises with the
+running statistics held in the `batch_stats` collection and never updates them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ModuleDef = Any
+Dtype = Any
+
+# torch's BatchNorm2d default.
+BN_EPS = 1e-5
+
+# mmdet `ResNet.arch_settings`: block type and number of blocks per stage.
+ARCH_SETTINGS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}
+EXPANSION = {"basic": 1, "bottleneck": 4}
+
+# torch's `kaiming_normal_(mode='fan_out', nonlinearity='relu')`, mmdet's ResNet conv init.
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def torch_padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Symmetric padding `kernel // 2` as torch uses; 'SAME' would pad (0, 1) at stride 2."""
+    p = kernel // 2
+    return ((p, p), (p, p))
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18/34 block: two 3x3 convs (stride on the first), identity shortcut."""
+
+    planes: int
+    stride: int
+    has_downsample: bool
+    conv: ModuleDef
+    norm: ModuleDef
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, Cin] -> [B, H/stride, W/stride, planes]."""
+        identity = x
+        y = self.conv(self.planes, (3, 3), (self.stride, self.stride), torch_padding(3),
+                      name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.planes, (3, 3), (1, 1), torch_padding(3), name="conv2")(y)
+        # Zero-init of the last BN scale makes each block start as identity (mmdet
+        # zero_init_residual=True); converted checkpoints overwrite it.
+        y = self.norm(name="bn2", scale_init=nn.initializers.zeros)(y)
+        if self.has_downsample:
+            identity = self.conv(self.planes, (1, 1), (self.stride, self.stride),
+                                 ((0, 0), (0, 0)), name="downsample_0")(x)
+            identity = self.norm(name="downsample_1")(identity)
+        return nn.relu(y + identity)
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50/101 block: 1x1 -> 3x3 (stride here, pytorch style) -> 1x1 (x4 channels)."""
+
+    planes: int
+    stride: int
+    has_downsample: bool
+    conv: ModuleDef
+    norm: ModuleDef
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, Cin] -> [B, H/stride, W/stride, 4 * planes]."""
+        identity = x
+        y = self.conv(self.planes, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        # style='pytorch': the stride sits on the 3x3 conv, not on the first 1x1.
+        y = self.conv(self.planes, (3, 3), (self.stride, self.stride), torch_padding(3),
+                      name="conv2")(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.conv(self.planes * 4, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv3")(y)
+        y = self.norm(name="bn3", scale_init=nn.initializers.zeros)(y)
+        if self.has_downsample:
+            identity = self.conv(self.planes * 4, (1, 1), (self.stride, self.stride),
+                                 ((0, 0), (0, 0)), name="downsample_0")(x)
+            identity = self.norm(name="downsample_1")(identity)
+        return nn.relu(y + identity)
+
+
+def block_layout(depth: int) -> list[list[tuple[int, bool]]]:
+    """Per stage, per block: (stride, has_downsample), exactly as mmdet builds them.
+
+    A block has a downsample shortcut when its stride is not 1 or its input width differs
+    from its output width (only the first block of a stage can).
+    """
+    kind, stage_blocks = ARCH_SETTINGS[depth]
+    expansion = EXPANSION[kind]
+    inplanes = 64
+    layout = []
+    for stage, num_blocks in enumerate(stage_blocks):
+        planes = 64 * 2**stage
+        stride = 1 if stage == 0 else 2
+        blocks = [(stride, stride != 1 or inplanes != planes * expansion)]
+        blocks += [(1, False)] * (num_blocks - 1)
+        inplanes = planes * expansion
+        layout.append(blocks)
+    return layout
+
+
+class ResNet(nn.Module):
+    """mmdet `ResNet(style='pytorch', out_indices=(0,1,2,3))` returning C2..C5."""
+
+    depth: int = 50
+    dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """[B, H, W, 3] -> (C2, C3, C4, C5), each [B, H/s, W/s, C_s] for s = 4, 8, 16, 32."""
+        if self.depth not in ARCH_SETTINGS:
+            raise ValueError(f"unsupported ResNet depth {self.depth}; "
+                             f"choose from {sorted(ARCH_SETTINGS)}")
+        kind, _ = ARCH_SETTINGS[self.depth]
+        block_cls = BasicBlock if kind == "basic" else Bottleneck
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                                 precision=self.precision, kernel_init=kaiming_fan_out)
+        # Inference-mode BN only (norm_eval=True); stats live in `batch_stats`.
+        norm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.9,
+                                 epsilon=BN_EPS, dtype=self.dtype)
+
+        x = x.astype(self.dtype)
+        x = conv(64, (7, 7), (2, 2), torch_padding(7), name="conv1")(x)
+        x = nn.relu(norm(name="bn1")(x))
+        # torch MaxPool2d(3, 2, padding=1) pads with -inf, as flax's max_pool does.
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+        outs = []
+        for stage, blocks in enumerate(block_layout(self.depth)):
+            planes = 64 * 2**stage
+            for b, (stride, has_downsample) in enumerate(blocks):
+                x = block_cls(planes=planes, stride=stride, has_downsample=has_downsample,
+                              conv=conv, norm=norm, name=f"layer{stage + 1}_{b}")(x)
+            outs.append(x)
+        return tuple(outs)
+
+
+def resnet_out_channels(depth: int) -> Sequence[int]:
+    """Channels of C2..C5 for a ResNet depth."""
+    kind, _ = ARCH_SETTINGS[depth]
+    return tuple(64 * 2**s * EXPANSION[kind] for s in range(4))

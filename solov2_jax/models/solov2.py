@@ -1,0 +1,73 @@
+"""SOLOv2 network: ResNet backbone -> FPN neck -> SOLOv2 head (raw outputs only).
+
+Submodule names are mmdet's top-level names (`backbone`, `neck`, `mask_head`), so a
+parameter path reads like the mmdet state_dict key it comes from, e.g.
+`params['mask_head']['kernel_convs_0']['conv']['kernel']` <- `mask_head.kernel_convs.0.conv.weight`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from solov2_jax.models.fpn import FPN
+from solov2_jax.models.resnet import ResNet
+from solov2_jax.models.solov2_head import SOLOV2Head
+from solov2_jax.structures import SOLOv2Output
+
+Dtype = Any
+
+
+class SOLOv2(nn.Module):
+    """mmdet `SOLOv2` up to the head outputs: `extract_feat` + `mask_head.forward`."""
+
+    depth: int = 50
+    fpn_channels: int = 256
+    fpn_num_outs: int = 5
+    num_classes: int = 80
+    feat_channels: int = 512
+    stacked_convs: int = 4
+    num_grids: Sequence[int] = (40, 36, 24, 16, 12)
+    gn_groups: int = 32
+    mask_feature_channels: int = 128
+    mask_out_channels: int = 256
+    dynamic_conv_size: int = 1
+    dtype: Dtype = jnp.float32
+    # None: XLA's default (TF32 on recent GPUs); jax.lax.Precision.HIGHEST for parity.
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> SOLOv2Output:
+        """[B, Hp, Wp, 3] normalised, zero-padded RGB (Hp, Wp multiples of 32) -> outputs.
+
+        BatchNorm is always in inference mode, so there is no `train` flag: the same call
+        serves training (grads through params) and evaluation.
+        """
+        backbone = ResNet(depth=self.depth, dtype=self.dtype, precision=self.precision,
+                          name="backbone")(images)
+        fpn = FPN(out_channels=self.fpn_channels, num_outs=self.fpn_num_outs,
+                  dtype=self.dtype, precision=self.precision, name="neck")(backbone)
+        kernel_preds, cls_preds, mask_feats = SOLOV2Head(
+            num_classes=self.num_classes,
+            feat_channels=self.feat_channels,
+            stacked_convs=self.stacked_convs,
+            num_grids=tuple(self.num_grids),
+            gn_groups=self.gn_groups,
+            mask_feature_channels=self.mask_feature_channels,
+            mask_out_channels=self.mask_out_channels,
+            dynamic_conv_size=self.dynamic_conv_size,
+            dtype=self.dtype,
+            precision=self.precision,
+            name="mask_head",
+        )(fpn)
+        return SOLOv2Output(
+            backbone=tuple(backbone),
+            fpn=tuple(fpn),
+            mask_feats=mask_feats,
+            kernel_preds=kernel_preds,
+            cls_preds=cls_preds,
+        )

@@ -1,0 +1,164 @@
+"""SOLOv2 head (forward only), matching mmdet 3.3.0 `SOLOV2Head` and `MaskFeatModule`.
+
+Outputs are raw: per-level dynamic kernels and category logits on S x S grids, plus the
+unified mask features at stride 4. Targets, losses and post-processing live elsewhere.
+Submodule names mirror mmdet's (`kernel_convs_{i}/conv|gn`, `cls_convs_{i}`,
+`conv_kernel`, `conv_cls`, `mask_feature_head/convs_all_levels_{i}/conv{j}`,
+`mask_feature_head/conv_pred`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from solov2_jax import ops
+from solov2_jax.models.layers import ConvModule
+
+Dtype = Any
+
+# mmdet's head init: Normal(std=0.01) on every Conv2d, bias 0.
+normal_init = nn.initializers.normal(0.01)
+# `bias_prob=0.01` on conv_cls: sigmoid(bias) = 0.01 at initialisation.
+CLS_PRIOR_PROB = 0.01
+CLS_BIAS_INIT = -math.log((1 - CLS_PRIOR_PROB) / CLS_PRIOR_PROB)
+
+
+def with_coordinates(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, H, W, C + 2], appending mmdet's (x, y) coordinate channels."""
+    b, h, w, _ = x.shape
+    return jnp.concatenate([x, ops.coordinate_channels(b, h, w, x.dtype)], axis=-1)
+
+
+class LevelConvs(nn.Module):
+    """One level of the mask-feature branch (mmdet's `nn.Sequential` of `conv{j}`)."""
+
+    num_convs: int
+    features: int
+    upsample: bool
+    gn_groups: int = 32
+    dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, Cin] -> [B, H * 2^n, W * 2^n, features] (n = num_convs if upsample)."""
+        for j in range(self.num_convs):
+            x = ConvModule(self.features, 3, gn_groups=self.gn_groups, kernel_init=normal_init,
+                           dtype=self.dtype, precision=self.precision, name=f"conv{j}")(x)
+            if self.upsample:
+                h, w = x.shape[1:3]
+                x = ops.interpolate_bilinear(x, (2 * h, 2 * w)).astype(self.dtype)
+        return x
+
+
+class MaskFeatModule(nn.Module):
+    """Mask-feature branch: fuses P2..P5 into one stride-4 map of `out_channels`."""
+
+    feat_channels: int = 128
+    out_channels: int = 256
+    num_levels: int = 4  # mmdet start_level=0, end_level=3
+    gn_groups: int = 32
+    dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, inputs: Sequence[jax.Array]) -> jax.Array:
+        """(P2..P5, ...) [B, H/s, W/s, F] -> [B, H/4, W/4, out_channels]."""
+        fused = None
+        for i, x in enumerate(inputs[: self.num_levels]):
+            # The deepest level also sees coordinates (CoordConv), which lets masks depend
+            # on absolute position.
+            if i == self.num_levels - 1 and i > 0:
+                x = with_coordinates(x)
+            # Level i: max(i, 1) conv+GN+ReLU; for i > 0 each is followed by a bilinear
+            # x2 upsample, so every level lands at stride 4.
+            x = LevelConvs(max(i, 1), self.feat_channels, upsample=i > 0,
+                           gn_groups=self.gn_groups, dtype=self.dtype,
+                           precision=self.precision, name=f"convs_all_levels_{i}")(x)
+            fused = x if fused is None else fused + x
+        return ConvModule(self.out_channels, 1, gn_groups=self.gn_groups,
+                          kernel_init=normal_init, dtype=self.dtype,
+                          precision=self.precision, name="conv_pred")(fused)
+
+
+class SOLOV2Head(nn.Module):
+    """mmdet `SOLOV2Head.forward`: kernels and category logits per level + mask features."""
+
+    num_classes: int = 80
+    feat_channels: int = 512
+    stacked_convs: int = 4
+    num_grids: Sequence[int] = (40, 36, 24, 16, 12)
+    gn_groups: int = 32
+    mask_feature_channels: int = 128
+    mask_out_channels: int = 256
+    dynamic_conv_size: int = 1
+    dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    def setup(self):
+        # Shared across levels, so built in setup() and called once per level.
+        # setup() names list entries `<attr>_<i>`: kernel_convs_0, ... as in mmdet.
+        def conv_module():
+            return ConvModule(self.feat_channels, 3, gn_groups=self.gn_groups,
+                              kernel_init=normal_init, dtype=self.dtype,
+                              precision=self.precision)
+
+        self.kernel_convs = [conv_module() for _ in range(self.stacked_convs)]
+        self.cls_convs = [conv_module() for _ in range(self.stacked_convs)]
+        kernel_out = self.mask_out_channels * self.dynamic_conv_size**2
+        self.conv_kernel = nn.Conv(kernel_out, (3, 3), padding=((1, 1), (1, 1)),
+                                   kernel_init=normal_init, dtype=self.dtype,
+                                   precision=self.precision)
+        self.conv_cls = nn.Conv(self.num_classes, (3, 3), padding=((1, 1), (1, 1)),
+                                kernel_init=normal_init,
+                                bias_init=nn.initializers.constant(CLS_BIAS_INIT),
+                                dtype=self.dtype, precision=self.precision)
+        self.mask_feature_head = MaskFeatModule(
+            feat_channels=self.mask_feature_channels, out_channels=self.mask_out_channels,
+            gn_groups=self.gn_groups, dtype=self.dtype, precision=self.precision)
+
+    @staticmethod
+    def resize_feats(feats: Sequence[jax.Array]) -> list[jax.Array]:
+        """mmdet `resize_feats`: P2 bilinear x0.5, last level bilinear to the previous size.
+
+        Sizes are assumed even at P2 (inputs padded to x32), where torch's scale_factor=0.5
+        and our size-based resize use the same source coordinates.
+        """
+        out = []
+        for i, x in enumerate(feats):
+            if i == 0:
+                h, w = x.shape[1:3]
+                x = ops.interpolate_bilinear(x, (h // 2, w // 2))
+            elif i == len(feats) - 1:
+                x = ops.interpolate_bilinear(x, feats[i - 1].shape[1:3])
+            out.append(x)
+        return out
+
+    def __call__(self, feats: Sequence[jax.Array]):
+        """(P2..P6) [B, H/s, W/s, F] -> (kernel_preds, cls_preds, mask_feats).
+
+        kernel_preds: L arrays [B, S_l, S_l, E]; cls_preds: L arrays [B, S_l, S_l, C];
+        mask_feats: [B, H/4, W/4, E].
+        """
+        if len(feats) != len(self.num_grids):
+            raise ValueError(f"expected {len(self.num_grids)} levels, got {len(feats)}")
+        mask_feats = self.mask_feature_head(feats)
+        kernel_preds, cls_preds = [], []
+        for x, grid in zip(self.resize_feats(feats), self.num_grids, strict=True):
+            # Coordinates are added at the level's own resolution and resized with the
+            # features, as mmdet does (not generated directly at S x S).
+            x = ops.interpolate_bilinear(with_coordinates(x), (grid, grid)).astype(self.dtype)
+            kernel_feat, cate_feat = x, x[..., :-2]
+            for conv in self.kernel_convs:
+                kernel_feat = conv(kernel_feat)
+            for conv in self.cls_convs:
+                cate_feat = conv(cate_feat)
+            kernel_preds.append(self.conv_kernel(kernel_feat))
+            cls_preds.append(self.conv_cls(cate_feat))
+        return tuple(kernel_preds), tuple(cls_preds), mask_feats
