@@ -1,0 +1,217 @@
+"""Writes a small synthetic COCO-format dataset of 4 shape classes (the demo/test data).
+
+Layout and conventions follow COCO 2017 exactly, so the same builder reads it:
+`out/annotations/instances_{train,val}2017.json`, `out/{train,val}2017/<id:012d>.jpg`.
+What it exercises on purpose: non-contiguous category ids (1, 3, 7, 9 -> labels 0..3),
+tiny to large objects, occlusion (later shapes cover earlier ones; annotations describe the
+visible part, so occluded shapes can become multi-part polygons), rings with holes stored
+as compressed RLE, crowd regions stored as uncompressed RLE with iscrowd=1 (as COCO does),
+images without annotations, and landscape/portrait images of 96-256 px.
+
+Deterministic: image i of a split is drawn from its own generator seeded by
+(seed, split, i), so the same seed gives the same bytes whatever the split sizes.
+
+    python -m solov2_jax.data.make_demo --out /tmp/demo_coco [--seed 0 --num-train 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+CATEGORIES = [
+    {"id": 1, "name": "circle", "supercategory": "shape"},
+    {"id": 3, "name": "rectangle", "supercategory": "shape"},
+    {"id": 7, "name": "triangle", "supercategory": "shape"},
+    {"id": 9, "name": "ring", "supercategory": "shape"},
+]
+_SPLITS = (("train2017", 0, 1), ("val2017", 1, 500_001))  # (dir, rng stream, first id)
+_JPEG_PARAMS = [cv2.IMWRITE_JPEG_QUALITY, 92]
+_MIN_VISIBLE = 6  # pixels; fully (or almost) occluded shapes are not annotated
+
+
+def _background(rng, h, w) -> np.ndarray:
+    """Smooth two-colour gradient plus mild noise (so JPEG has something to encode)."""
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    angle = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    t = (np.cos(angle) * xx / w + np.sin(angle) * yy / h + 1.0) / 2.0
+    img = c0 * (1 - t[..., None]) + c1 * t[..., None]
+    img += rng.normal(0, 6, (h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _shape_mask(rng, cat_id: int, h: int, w: int) -> np.ndarray:
+    """Filled mask of one shape; sizes log-uniform from tiny (~4 px) to ~85% of the image."""
+    size = float(np.exp(rng.uniform(np.log(4.0), np.log(0.85 * min(h, w)))))
+    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    mask = np.zeros((h, w), np.uint8)
+    if cat_id == 1:
+        cv2.circle(mask, (round(cx), round(cy)), max(2, round(size / 2)), 1, -1)
+    elif cat_id == 3:
+        rect = ((cx, cy), (size, size * rng.uniform(0.3, 1.0)), rng.uniform(0, 180))
+        cv2.fillPoly(mask, [np.round(cv2.boxPoints(rect)).astype(np.int32)], 1)
+    elif cat_id == 7:
+        ang = rng.uniform(0, 2 * np.pi) + np.array([0, 2.1, 4.2]) + rng.uniform(-.3, .3, 3)
+        pts = np.stack([cx + size / 2 * np.cos(ang), cy + size / 2 * np.sin(ang)], 1)
+        cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
+    else:  # ring: the hole is why it is stored as RLE
+        r = max(3, round(size / 2))
+        cv2.circle(mask, (round(cx), round(cy)), r, 1, -1)
+        cv2.circle(mask, (round(cx), round(cy)), max(1, round(r * rng.uniform(.4, .7))), 0, -1)
+    return mask
+
+
+def _crowd_mask(rng, h: int, w: int) -> np.ndarray:
+    """A cluster of many small circles: one iscrowd=1 region, like COCO's crowds."""
+    mask = np.zeros((h, w), np.uint8)
+    cx, cy = rng.uniform(0.2 * w, 0.8 * w), rng.uniform(0.2 * h, 0.8 * h)
+    spread = 0.15 * min(h, w)
+    for _ in range(int(rng.integers(8, 20))):
+        x, y = rng.normal(cx, spread), rng.normal(cy, spread)
+        cv2.circle(mask, (round(x), round(y)), int(rng.integers(2, 5)), 1, -1)
+    return mask
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE: column-major run lengths, starting with a run of zeros."""
+    flat = mask.flatten(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat[0] == 1:
+        runs = [0] + runs
+    return {"counts": runs, "size": [int(mask.shape[0]), int(mask.shape[1])]}
+
+
+def _polygons(mask: np.ndarray) -> list[list[float]]:
+    """Outer contours as COCO polygons (several parts when occlusion split the shape)."""
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
+
+
+def _annotation(segm, height, width, cat_id, crowd):
+    """COCO fields derived from the stored segmentation itself (bbox, area)."""
+    if isinstance(segm, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+    elif isinstance(segm["counts"], list):
+        rle = mask_utils.frPyObjects(segm, height, width)
+    else:
+        rle = segm
+    bbox = [float(v) for v in mask_utils.toBbox(rle)]
+    area = float(mask_utils.area(rle))
+    if area <= 0 or bbox[2] < 1 or bbox[3] < 1:
+        return None
+    return {"segmentation": segm, "area": area, "iscrowd": int(crowd),
+            "bbox": bbox, "category_id": cat_id}
+
+
+def _draw_image(rng, index: int):
+    """(BGR image, annotations without ids) of one demo image."""
+    short, long = int(rng.integers(96, 192)), int(rng.integers(160, 257))
+    h, w = (short, long) if rng.random() < 0.6 else (long, short)
+    image = _background(rng, h, w)
+    if index % 8 == 5:  # a deterministic share of images without any annotation
+        return image, []
+    n = int(rng.integers(1, 6))
+    # Object 0 cycles through the classes so every class appears in a few images.
+    cats = [CATEGORIES[(index + j) % 4]["id"] if j == 0 else
+            CATEGORIES[int(rng.integers(0, 4))]["id"] for j in range(n)]
+    shapes = [(c, _shape_mask(rng, c, h, w), False) for c in cats]
+    if index % 5 == 2:
+        shapes.insert(0, (CATEGORIES[int(rng.integers(0, 4))]["id"], _crowd_mask(rng, h, w),
+                          True))
+    if index % 4 == 1:  # a thin bar on top splits what it crosses: multi-part polygons
+        bar = np.zeros((h, w), np.uint8)
+        rect = ((w / 2, h / 2), (1.2 * max(h, w), float(rng.integers(3, 7))),
+                rng.uniform(0, 180))
+        cv2.fillPoly(bar, [np.round(cv2.boxPoints(rect)).astype(np.int32)], 1)
+        shapes.append((3, bar, False))
+    covered = np.zeros((h, w), np.uint8)
+    anns = []
+    for cat_id, mask, crowd in reversed(shapes):  # topmost first: visible = not covered
+        visible = mask & (1 - covered)
+        color = rng.uniform(0, 255, 3)
+        image[mask.astype(bool) & ~covered.astype(bool)] = color.astype(np.uint8)
+        covered |= mask
+        if visible.sum() < _MIN_VISIBLE:
+            continue
+        if crowd:
+            segm = _uncompressed_rle(visible)
+        elif cat_id == 9:
+            rle = mask_utils.encode(np.asfortranarray(visible))
+            segm = {"counts": rle["counts"].decode("ascii"), "size": rle["size"]}
+        else:
+            segm = _polygons(visible)
+            if not segm:
+                continue
+        ann = _annotation(segm, h, w, cat_id, crowd)
+        if ann is not None:
+            anns.append(ann)
+    return image, anns[::-1]
+
+
+def make_demo(out_dir: str, *, seed: int = 0, num_train: int = 48, num_val: int = 16) -> dict:
+    """Writes the demo dataset under `out_dir`; returns counts per split."""
+    os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
+    summary = {"out_dir": os.path.abspath(out_dir), "splits": {}}
+    ann_id = 1
+    for (split, stream, first_id), count in zip(_SPLITS, (num_train, num_val), strict=True):
+        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+        images, anns = [], []
+        for i in range(count):
+            rng = np.random.default_rng([seed, stream, i])
+            image, img_anns = _draw_image(rng, i)
+            image_id = first_id + i
+            name = f"{image_id:012d}.jpg"
+            ok, buf = cv2.imencode(".jpg", image, _JPEG_PARAMS)
+            assert ok, "JPEG encoding failed"
+            with open(os.path.join(out_dir, split, name), "wb") as f:
+                f.write(buf.tobytes())
+            images.append({"id": image_id, "file_name": name,
+                           "height": image.shape[0], "width": image.shape[1]})
+            for a in img_anns:
+                anns.append({"id": ann_id, "image_id": image_id, **a})
+                ann_id += 1
+        data = {"info": {"description": "solov2-jax synthetic shapes demo", "version": "1.0",
+                         "seed": seed},
+                "licenses": [], "images": images, "annotations": anns,
+                "categories": CATEGORIES}
+        with open(os.path.join(out_dir, "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump(data, f)
+        with_anns = {a["image_id"] for a in anns}
+        summary["splits"][split] = {
+            "images": len(images), "annotations": len(anns),
+            "crowd": sum(a["iscrowd"] for a in anns),
+            "images_without_annotations": len(images) - len(with_anns)}
+    return summary
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output COCO-format directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=int, default=48)
+    p.add_argument("--num-val", type=int, default=16)
+    args = p.parse_args(argv)
+    summary = make_demo(args.out, seed=args.seed, num_train=args.num_train,
+                        num_val=args.num_val)
+    for split, s in summary["splits"].items():
+        print(f"{split}: {s['images']} images, {s['annotations']} annotations "
+              f"({s['crowd']} crowd), {s['images_without_annotations']} without annotations")
+    print(f"written to {summary['out_dir']}")
+    return summary
+
+
+def run():
+    """Console entry point (`solov2-make-demo`)."""
+    main()
+
+
+if __name__ == "__main__":
+    run()
