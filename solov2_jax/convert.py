@@ -1,0 +1,263 @@
+"""Convert PyTorch checkpoints (mmdet SOLOv2, torchvision ResNet) into Flax variables.
+
+    solov2-convert mmdet --config configs/solov2_r50_fpn_1x_coco.py \\
+        --checkpoint solov2_r50_fpn_1x_coco.pth --out /ckpt/solov2_r50_1x
+    solov2-convert torchvision --depth 50 --checkpoint resnet50-0676ba61.pth \\
+        --out /ckpt/resnet50_init
+
+(or `python -m solov2_jax.convert ...`). The mapping is the declarative table of
+`conversion_table.py`, applied strictly: every source key must be consumed (except
+`*.num_batches_tracked` and torchvision's `fc.*`), every Flax leaf filled, and every shape
+must equal the model's initial shape; otherwise a `ConversionError` names the missing,
+unexpected and mis-shaped keys and the CLI exits with status 1. Nothing is downloaded.
+Reading `.pth` files needs torch (`pip install 'solov2-jax[torch]'`), imported lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from solov2_jax import conversion_table as ct
+
+# Image size used only to trace the model for its variable shapes (shape-independent).
+_TRACE_HW = (64, 64)
+
+
+class ConversionError(ValueError):
+    """The checkpoint does not match the model (or cannot be read)."""
+
+
+def load_config(path: str):
+    """`get_config()` of a `configs/<name>.py` file."""
+    spec = importlib.util.spec_from_file_location("_solov2_config", path)
+    if spec is None or spec.loader is None or not os.path.isfile(path):
+        raise ConversionError(f"config file not found: {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def load_torch_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """Reads a `.pth` ({'state_dict': ...} as mmdet saves, or a bare state_dict) to numpy.
+
+    Uses `torch.load(weights_only=True)`; `allow_pickle=True` permits arbitrary pickled
+    objects (only for files you trust) when the checkpoint's metadata needs it.
+    """
+    try:
+        import torch
+    except ImportError as e:
+        raise ConversionError(
+            "reading .pth checkpoints needs PyTorch: pip install 'solov2-jax[torch]'") from e
+    if not os.path.isfile(path):
+        raise ConversionError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except Exception as e:  # torch raises UnpicklingError or RuntimeError variants
+        if allow_pickle:
+            raise ConversionError(f"cannot read {path}: {e}") from e
+        raise ConversionError(
+            f"torch.load(weights_only=True) refused {path} ({type(e).__name__}: {e}). If "
+            "you trust this file, retry with --allow-pickle (allow_pickle=True).") from e
+    if isinstance(ckpt, Mapping) and "state_dict" in ckpt:
+        ckpt = ckpt["state_dict"]
+    if not isinstance(ckpt, Mapping):
+        raise ConversionError(f"{path} holds a {type(ckpt).__name__}, not a state_dict")
+    out = {}
+    for key, value in ckpt.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConversionError(f"state_dict entry {key!r} is a {type(value).__name__}")
+        value = value.detach().cpu()
+        # Keep float32 masters whatever the checkpoint's precision (fp16/bf16 saves).
+        out[key] = (value.float() if value.is_floating_point() else value).numpy()
+    return out
+
+
+def variable_shapes(module, image_hw: tuple[int, int] = _TRACE_HW) -> dict:
+    """Flattened {(collection, *path): shape} of `module.init` (traced, nothing computed)."""
+    images = jax.ShapeDtypeStruct((1, *image_hw, 3), jnp.float32)
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), images)
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(shapes)).items()}
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], table: Mapping[str, ct.Target],
+                       expected: Mapping[tuple, tuple], torchvision: bool = False) -> dict:
+    """Applies `table` strictly; returns {'params': ..., 'batch_stats': ...} (numpy).
+
+    `expected` is `variable_shapes(model)`. Raises `ConversionError` listing every
+    missing, unexpected and mis-shaped key.
+    """
+    targets = {(t.collection, *t.path): key for key, t in table.items()}
+    # A model leaf with no rule (or a rule with no leaf) is a table/config mismatch.
+    unmapped = sorted("/".join(p) for p in expected.keys() - targets.keys())
+    stale = sorted("/".join(p) for p in targets.keys() - expected.keys())
+    missing = sorted(k for k in table if k not in state_dict)
+    unexpected = sorted(k for k in state_dict
+                        if k not in table and not ct.is_ignored(k, torchvision))
+    misshaped, flat = [], {}
+    for key, target in table.items():
+        path = (target.collection, *target.path)
+        if key not in state_dict or path not in expected:
+            continue
+        value = np.asarray(target.transform(state_dict[key]), dtype=np.float32)
+        if value.shape != expected[path]:
+            misshaped.append(f"{key}: checkpoint {tuple(state_dict[key].shape)} -> "
+                             f"{value.shape}, model expects {expected[path]} at "
+                             f"{'/'.join(path)}")
+            continue
+        flat[path] = value
+    if missing or unexpected or misshaped or unmapped or stale:
+        lines = ["checkpoint does not match the model:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("mis-shaped keys", misshaped),
+                             ("model variables without a rule", unmapped),
+                             ("rules without a model variable", stale)):
+            if items:
+                lines.append(f"  {title} ({len(items)}):")
+                lines.extend(f"    {item}" for item in items)
+        raise ConversionError("\n".join(lines))
+    return traverse_util.unflatten_dict(flat)
+
+
+def convert_mmdet(state_dict: Mapping[str, np.ndarray], config) -> dict:
+    """mmdet SOLOv2 state_dict -> variables of `models.build_model(config.model)`."""
+    from solov2_jax.models import build_model
+
+    model = build_model(config.model)
+    table = ct.solov2_table(model.depth, model.stacked_convs)
+    return convert_state_dict(state_dict, table, variable_shapes(model))
+
+
+def convert_torchvision(state_dict: Mapping[str, np.ndarray], depth: int) -> dict:
+    """torchvision ResNet state_dict -> variables of `models.ResNet(depth)` (the backbone)."""
+    from solov2_jax.models import ResNet
+
+    table = ct.torchvision_resnet_table(depth)
+    return convert_state_dict(state_dict, table, variable_shapes(ResNet(depth=depth)),
+                              torchvision=True)
+
+
+def convert_mmdet_checkpoint(config, checkpoint: str, allow_pickle: bool = False) -> dict:
+    """Reads an mmdet `.pth` and converts it; `config` is a ConfigDict or a config path."""
+    if isinstance(config, str):
+        config = load_config(config)
+    return convert_mmdet(load_torch_state_dict(checkpoint, allow_pickle), config)
+
+
+def convert_torchvision_checkpoint(depth: int, checkpoint: str,
+                                   allow_pickle: bool = False) -> dict:
+    """Reads a torchvision ResNet `.pth` and converts it to backbone variables."""
+    return convert_torchvision(load_torch_state_dict(checkpoint, allow_pickle), depth)
+
+
+def save_variables(path: str, variables: Mapping[str, Any], force: bool = False) -> str:
+    """Writes a variables pytree as an orbax checkpoint at `path` (made absolute)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)  # orbax rejects relative paths
+    variables = jax.tree.map(np.asarray, dict(variables))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, variables, force=force)
+    return path
+
+
+def load_variables(path: str) -> dict:
+    """Reads an orbax checkpoint written by `save_variables` (arrays as jax.Array)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(path)
+    return jax.tree.map(jnp.asarray, dict(restored))
+
+
+def load_backbone_init(path: str) -> dict:
+    """Backbone variables {'params', 'batch_stats'} from `solov2-convert torchvision`.
+
+    Put them into a full model's variables at `['params']['backbone']` and
+    `['batch_stats']['backbone']`.
+    """
+    variables = load_variables(path)
+    if set(variables) != {"params", "batch_stats"} or "conv1" not in variables["params"]:
+        raise ConversionError(f"{path} does not hold ResNet backbone variables "
+                              f"(top-level keys: {sorted(variables)})")
+    return variables
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="solov2-convert",
+        description="Convert PyTorch checkpoints into orbax checkpoints of Flax variables "
+                    "({'params', 'batch_stats'}). Strict: any missing, unexpected or "
+                    "mis-shaped key is listed and the exit status is 1. Never downloads.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  # full mmdetection 3.x SOLOv2 model ({'meta','state_dict'} or bare)\n"
+               "  solov2-convert mmdet --config configs/solov2_r50_fpn_1x_coco.py \\\n"
+               "      --checkpoint solov2_r50_fpn_1x_coco.pth --out ckpt/solov2_r50_1x\n"
+               "  # ImageNet backbone initialisation from torchvision (fc.* dropped)\n"
+               "  solov2-convert torchvision --depth 50 \\\n"
+               "      --checkpoint resnet50-0676ba61.pth --out ckpt/resnet50_init\n")
+    sub = parser.add_subparsers(dest="mode", required=True, metavar="{mmdet,torchvision}")
+    mm = sub.add_parser(
+        "mmdet", help="mmdetection SOLOv2 checkpoint -> full model variables",
+        description="Convert an mmdetection 3.x SOLOv2 checkpoint into the variables of "
+                    "the model described by --config. Example: solov2-convert mmdet "
+                    "--config configs/solov2_r50_fpn_1x_coco.py --checkpoint "
+                    "solov2_r50_fpn_1x_coco.pth --out ckpt/solov2_r50_1x")
+    mm.add_argument("--config", required=True, help="configs/<name>.py of the matching model")
+    tv = sub.add_parser(
+        "torchvision", help="torchvision ResNet checkpoint -> backbone initialisation",
+        description="Convert a torchvision ResNet state_dict (conv1.weight, bn1.*, "
+                    "layer1.0.conv1.weight, ..., fc.*) into backbone variables, read by "
+                    "`load_backbone_init`. Example: solov2-convert torchvision --depth 50 "
+                    "--checkpoint resnet50-0676ba61.pth --out ckpt/resnet50_init")
+    tv.add_argument("--depth", type=int, required=True, choices=(18, 34, 50, 101))
+    for p in (mm, tv):
+        p.add_argument("--checkpoint", required=True, help="input .pth file")
+        p.add_argument("--out", required=True, help="output orbax checkpoint directory")
+        p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="torch.load(weights_only=False); only for files you trust")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry; returns the exit status (0 ok, 1 conversion error)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.mode == "mmdet":
+            variables = convert_mmdet_checkpoint(args.config, args.checkpoint,
+                                                 args.allow_pickle)
+        else:
+            variables = convert_torchvision_checkpoint(args.depth, args.checkpoint,
+                                                       args.allow_pickle)
+        if os.path.exists(args.out) and not args.force:
+            raise ConversionError(f"{args.out} exists; pass --force to overwrite")
+        out = save_variables(args.out, variables, force=args.force)
+    except ConversionError as e:
+        print(f"solov2-convert: error: {e}", file=sys.stderr)
+        return 1
+    n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
+    print(f"wrote {out} ({n:,} parameters)")
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point (`solov2-convert`)."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
