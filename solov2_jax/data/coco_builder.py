@@ -44,6 +44,7 @@ SOLOv2 targets; skipping it is therefore equivalent for training.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -230,7 +231,14 @@ def get_builder(coco_dir: str | None, data_dir: str, name: str | None = None, *,
                                 "coco_dir was given")
     config = config_cls(name=cname, version=_VERSION, coco_dir=root, categories=cats,
                         description=f"COCO-format instance segmentation from {root}")
-    return builder_cls(config=config, data_dir=data_dir, progress=progress)
+    # TFDS logs a warning for every custom (non-registered) config; ours always are.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        return builder_cls(config=config, data_dir=data_dir, progress=progress)
+    finally:
+        absl_logger.setLevel(level)
 
 
 def prepare(coco_dir: str, data_dir: str, name: str | None = None, *, progress=True):
