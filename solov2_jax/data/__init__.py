@@ -1,9 +1,11 @@
 """Input data: the local-COCO TFDS builder, demo data generator and tf.data pipelines.
 
-The builder API is re-exported lazily so `import solov2_jax.data` does not load TensorFlow.
+The builder's read API is re-exported lazily so `import solov2_jax.data` does not load
+TensorFlow. `prepare` is not re-exported: that name is the `data.prepare` CLI module, so
+use `solov2_jax.data.coco_builder.prepare` for the function.
 """
 
-_BUILDER_API = ("get_builder", "prepare", "decode_example", "read_split", "category_info")
+_BUILDER_API = ("get_builder", "decode_example", "read_split", "category_info")
 
 __all__ = list(_BUILDER_API)
 

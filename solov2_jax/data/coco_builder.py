@@ -37,6 +37,14 @@ mmdet itself drops or that cannot be trained on:
   image without annotations                      | kept with N=0
   crowd (iscrowd=1, any mask format)             | kept, `is_crowd=True`
 
+Raw example (`read_split(..., decode=False)`, what `decode_example` takes): `image` (the
+file's encoded bytes), `image_id` int64, `file_name` string, `height`/`width` int32
+(from the JSON, checked against the file), `num_annotations` int32 (annotations of the
+image in the JSON before any skip), and `objects` with per-instance `bbox` float32 [N, 4]
+(COCO xywh), `label` int64 (contiguous), `category_id` int64, `is_crowd` bool, `area`
+float32, `id` int64 (annotation id) and `mask` (PNG bytes) [N]. Instances are sorted by
+annotation id.
+
 mmdet keeps an all-invalid polygon as an *ignored* instance, which never reaches the
 SOLOv2 targets; skipping it is therefore equivalent for training.
 """
@@ -158,6 +166,7 @@ def _make_builder_cls():
                     "file_name": f.Text(),
                     "height": np.int32,
                     "width": np.int32,
+                    "num_annotations": np.int32,  # in the JSON, before skips
                     "objects": f.Sequence({
                         "bbox": f.Tensor(shape=(4,), dtype=np.float32),  # COCO xywh
                         "label": f.ClassLabel(names=[n for _, n in cats]),

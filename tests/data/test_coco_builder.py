@@ -153,6 +153,9 @@ def test_tiny_image_bytes_untouched(tiny):
     raw = {int(e["image_id"]): e for e in _examples(builder, "mini", decode=False)}
     for iid, fname in ((1, "a.jpg"), (2, "b.jpg")):
         assert raw[iid]["image"] == (root / "mini" / fname).read_bytes()
+    # JSON annotation count before skips (for mmdet's filter_empty_gt).
+    assert raw[1]["num_annotations"] == 7 and raw[2]["num_annotations"] == 0
+    assert raw[1]["objects"]["mask"][0][:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_category_info_and_reuse_without_coco_dir(tiny):

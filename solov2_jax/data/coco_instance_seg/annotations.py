@@ -199,6 +199,9 @@ def generate(root: Path, stem: str, categories, stats: SplitStats, *, progress=F
             "file_name": fname,
             "height": height,
             "width": width,
+            # Annotations in the JSON before any skip: mmdet's filter_empty_gt keeps an
+            # image with any annotation, even if none of them survives as an instance.
+            "num_annotations": len(anns.get(iid, ())),
             "objects": {
                 "bbox": np.asarray(cols[0], np.float32).reshape(-1, 4),
                 "label": np.asarray(cols[1], np.int64),
