@@ -198,7 +198,8 @@ def train_transform(ex, scale, flip, pad_shape, *, mean, std, max_instances: int
     their original order (mmdet's order, which decides grid-cell overwrites), then the
     rest; the list is truncated/padded to max_instances. `num_truncated` counts valid
     instances that did not fit. return_meta adds scale_factor, flip and the resized
-    flipped full-resolution masks (debug/tests only: [N, h, w], original instance order).
+    flipped full-resolution masks (debug/tests only: [N, h, w], original instance order)
+    with their ann_ids [N].
     """
     pad_h, pad_w = pad_shape
     h, w = ex["height"], ex["width"]
@@ -229,6 +230,7 @@ def train_transform(ex, scale, flip, pad_shape, *, mean, std, max_instances: int
         out["meta_masks"] = tf.cond(flip, lambda: tf.reverse(full, [2]), lambda: full)
         out["meta_scale_factor"] = sf
         out["meta_flip"] = flip
+        out["meta_ann_ids"] = ex["ann_ids"]
     return out
 
 

@@ -119,13 +119,13 @@ def test_train_transform_example():
         "boxes": np.tile(np.float32([[1, 2, 50, 60]]), (n, 1)),
         "labels": np.arange(n, dtype=np.int32),
         "is_crowd": np.array([False, True, False, False, False]),
-        "masks": masks,
+        "masks": masks, "ann_ids": np.arange(n, dtype=np.int64) + 10,
     }
     scale = (160, 96)
     ph, pw = T.bucket_shape(scale, True)
     out = T.train_transform(ex, tf.constant(scale), tf.constant(True), (ph, pw), mean=MEAN,
                             std=STD, max_instances=2, return_meta=True)
-    out = {k: v.numpy() for k, v in out.items()}
+    out = {k: np.asarray(v) for k, v in out.items()}
     nh, nw = out["img_shape"]
     assert out["image"].shape == (ph, pw, 3) and out["gt_masks"].shape == (2, ph // 4, pw // 4)
     assert (out["image"][nh:] == 0).all() and (out["image"][:, nw:] == 0).all()
