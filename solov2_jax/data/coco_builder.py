@@ -55,6 +55,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,9 @@ def _make_builder_cls():
                     self.summary["skipped_splits"][name] = f"image dir {stem}/ missing"
                     continue
                 gens[name] = self._generate_examples(root, stem, name)
+            if not gens:
+                raise FileNotFoundError(f"no split of {root} has its image directory: "
+                                        f"{self.summary['skipped_splits']}")
             self.info.metadata["summary"] = self.summary
             return gens
 
@@ -231,7 +235,11 @@ def get_builder(coco_dir: str | None, data_dir: str, name: str | None = None, *,
         with open(meta) as f:
             stored = json.load(f)
         cats = tuple((c["id"], c["name"]) for c in stored["categories"])
-        root = os.fspath(coco_dir) if coco_dir else stored.get("coco_dir", "")
+        root = stored.get("coco_dir", "")
+        if coco_dir and os.path.abspath(coco_dir) != root:
+            warnings.warn(f"dataset '{cname}' in {data_dir} was prepared from {root}, not "
+                          f"{os.path.abspath(coco_dir)}; reusing it (pass name= to keep "
+                          "both)", stacklevel=2)
     elif coco_dir:
         cats = tuple(read_categories(coco_dir))
         root = os.path.abspath(coco_dir)
@@ -255,7 +263,7 @@ def prepare(coco_dir: str, data_dir: str, name: str | None = None, *, progress=T
     import tensorflow_datasets as tfds
 
     builder = get_builder(coco_dir, data_dir, name, progress=progress)
-    already = builder.info.splits and len(builder.info.splits) > 0
+    already = (builder.data_path / "dataset_info.json").exists()
     if not already:
         # Our own tqdm (with totals) replaces TFDS's per-split bars.
         tfds.disable_progress_bar()

@@ -218,3 +218,18 @@ def test_read_split_slices_and_shuffling(demo):
     first, second = ids("train[:50%]"), ids("train[50%:]")
     assert len(first) == 6 and sorted(first + second) == sorted(ids("train"))
     assert ids("train", shuffle_files=True, seed=3) == ids("train", shuffle_files=True, seed=3)
+
+
+def test_split_without_image_dir_is_skipped(tmp_path):
+    """COCO's annotation zip has train and val JSONs; users may have only val images."""
+    write_tiny_coco(tmp_path)
+    ann = tmp_path / "annotations"
+    (ann / "instances_mini.json").rename(ann / "instances_val2017.json")
+    (ann / "instances_train2017.json").write_text((ann / "instances_val2017.json").read_text())
+    (tmp_path / "mini").rename(tmp_path / "val2017")
+    builder, summary = cb.prepare(str(tmp_path), str(tmp_path / "tfds"), progress=False)
+    assert list(builder.info.splits) == ["val"]
+    assert summary["skipped_splits"] == {"train": "image dir train2017/ missing"}
+    with pytest.warns(UserWarning, match="was prepared from"):
+        cb.get_builder(str(tmp_path / "elsewhere"), str(tmp_path / "tfds"),
+                       name=cb.config_name(str(tmp_path)))
