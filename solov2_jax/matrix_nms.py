@@ -140,3 +140,24 @@ def matrix_nms(
     out_labels = jnp.where(out_ok, lab[order2], -1)
     out_inds = jnp.where(out_ok, order[order2], -1)
     return out_scores, out_labels, out_inds.astype(jnp.int32), out_ok
+
+
+def batched_matrix_nms(
+    masks: jax.Array,
+    labels: jax.Array,
+    scores: jax.Array,
+    valid: jax.Array | None = None,
+    mask_area: jax.Array | None = None,
+    **static,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`matrix_nms` over a batch: masks [B, N, H, W], labels/scores/valid/mask_area [B, N].
+
+    Keyword arguments are `matrix_nms`'s statics; every output gains a leading [B] axis.
+    One image's result never depends on another's (the batch is a plain `jax.vmap`).
+    """
+    b, n = masks.shape[:2]
+    valid = jnp.ones((b, n), bool) if valid is None else valid
+    if mask_area is None:
+        mask_area = masks.reshape(b, n, -1).astype(jnp.float32).sum(axis=-1)
+    fn = functools.partial(matrix_nms, **static)
+    return jax.vmap(fn)(masks, labels, scores, valid, mask_area)

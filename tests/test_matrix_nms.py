@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from solov2_jax.matrix_nms import matrix_nms
+from solov2_jax.matrix_nms import batched_matrix_nms, matrix_nms
 
 
 def blob_masks(rng, n, h, w):
@@ -109,8 +109,8 @@ def test_matrix_nms_ties_are_stable_and_vmappable():
     labels = rng.integers(0, 2, (2, 6)).astype(np.int32)
     valid = np.ones((2, 6), bool)
     valid[1, 1] = False
-    fn = jax.vmap(lambda m, lab, s, v: matrix_nms(m, lab, s, v, max_num=8))
-    s, lab, inds, ok = jax.device_get(fn(masks, labels, scores, valid))
+    s, lab, inds, ok = jax.device_get(
+        batched_matrix_nms(masks, labels, scores, valid, max_num=8))
     np.testing.assert_array_equal(inds[0], [1, 4, 0, 2, 3, 5, -1, -1])
     np.testing.assert_array_equal(inds[1], [4, 0, 2, 3, 5, -1, -1, -1])
     np.testing.assert_array_equal(ok.sum(1), [6, 5])
