@@ -80,7 +80,7 @@ def _first_f32_where(pred: Callable[[np.ndarray], np.ndarray], n: int) -> np.nda
     return lo.view(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cell_thresholds(length: int, num_grid: int) -> np.ndarray:
     """[S] float32 t_k (k = 1..S): torch `trunc((c / length) / (1. / S)) >= k <=> c >= t_k`."""
     ks = np.arange(1, num_grid + 1, dtype=np.float32)
@@ -93,7 +93,7 @@ def cell_thresholds(length: int, num_grid: int) -> np.ndarray:
     return _first_f32_where(pred, num_grid)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def area_bounds(lower: float, upper: float) -> tuple[float, float]:
     """(a_lo, a_hi): float32 `lower <= sqrt(a) <= upper  <=>  a_lo <= a < a_hi` (a >= 0)."""
     lo = np.float32(lower)
@@ -125,7 +125,8 @@ def solov2_targets(
     """Grid targets of ONE image (vmap for a batch; see `batch_targets`).
 
     gt_boxes [N, 4] float32 xyxy, gt_labels [N] int, gt_centers [N, 2] float32
-    (center_h, center_w), gt_valid [N] bool; featmap_hw = mask-feature (h, w).
+    (center_h, center_w), gt_valid [N] bool (N >= 1, padded); featmap_hw = mask-feature
+    (h, w) = padded input size / mask_stride.
     """
     boxes = gt_boxes.astype(jnp.float32)
     n = boxes.shape[0]
@@ -140,7 +141,7 @@ def solov2_targets(
 
     labels_l, pos_mask_l, cells_l, insts_l, ok_l = [], [], [], [], []
     offset = 0
-    for (lower, upper), s in zip(scale_ranges, num_grids):
+    for (lower, upper), s in zip(scale_ranges, num_grids, strict=True):
         a_lo, a_hi = area_bounds(float(lower), float(upper))
         in_level = gt_valid & (area >= a_lo) & (area < a_hi)
         th, tw = cell_thresholds(up_h, s), cell_thresholds(up_w, s)

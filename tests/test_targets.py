@@ -109,7 +109,7 @@ def mmdet_instances(scene):
     return gt
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jit_targets(kwargs_items):
     return jax.jit(functools.partial(batch_targets, **dict(kwargs_items)))
 
@@ -154,7 +154,7 @@ def assert_matches_mmdet(head, scene, inputs, ours, i, kwargs):
 
     offsets = np.cumsum([0] + [s * s for s in kwargs["num_grids"]])
     ref_cells = np.concatenate(
-        [np.asarray(idx, np.int64) + off for idx, off in zip(m_index, offsets)]
+        [np.asarray(idx, np.int64) + off for idx, off in zip(m_index, offsets[:-1], strict=True)]
     ).astype(np.int64)
     ref_masks = np.concatenate([t.numpy() for t in m_targets])  # [total, h, w]
     total, cap = len(ref_cells), kwargs["max_positives"]
