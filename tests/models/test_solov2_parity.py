@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
-import numpy as np
 import pytest
+from flax import traverse_util
 
 from solov2_jax import conversion_table as ct
 from solov2_jax import convert
@@ -82,27 +82,18 @@ def test_outputs_match_mmdet(mmdet, name, tmp_path_factory):
 def test_trainable_mask_matches_mmdet_requires_grad(mmdet, tmp_path_factory):
     """Our frozen set equals mmdet's `requires_grad=False` set (frozen_stages=1)."""
     name = "solov2-light_r18_fpn_ms-3x_coco"
-    _, out, model = run_both(mmdet, name, tmp_path_factory)
+    _, _, model = run_both(mmdet, name, tmp_path_factory)
     cfg = convert.load_config(str(CONFIGS / f"{name}.py"))
     table = ct.solov2_table(cfg.model.depth, cfg.model.stacked_convs)
-    params = {}
-    for key, target in table.items():
-        if target.collection == "params":
-            node = params
-            for p in target.path[:-1]:
-                node = node.setdefault(p, {})
-            node[target.path[-1]] = np.zeros(())
-    mask = trainable_mask(params)
+    # A params tree with the table's paths stands in for the model's (values unused).
+    param_keys = {k: t.path for k, t in table.items() if t.collection == "params"}
+    mask = traverse_util.flatten_dict(
+        trainable_mask(traverse_util.unflatten_dict({p: 0 for p in param_keys.values()})))
     requires_grad = dict(model.named_parameters())
-    frozen = []
-    for key, target in table.items():
-        if target.collection != "params":
-            continue
-        node = mask
-        for p in target.path:
-            node = node[p]
-        assert node == requires_grad[key].requires_grad, key
-        frozen += [key] if not node else []
+    assert param_keys.keys() == requires_grad.keys()
+    for key, path in param_keys.items():
+        assert mask[path] == requires_grad[key].requires_grad, key
+    frozen = [k for k, p in param_keys.items() if not mask[p]]
     assert any(k.startswith("backbone.layer1.") for k in frozen)
     assert "backbone.conv1.weight" in frozen and "backbone.bn1.weight" in frozen
     assert not any(k.startswith(("backbone.layer2", "neck", "mask_head")) for k in frozen)
