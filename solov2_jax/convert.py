@@ -237,14 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry; returns the exit status (0 ok, 1 conversion error)."""
     args = _parser().parse_args(argv)
     try:
+        # Fail before the (slow) conversion rather than after it.
+        if os.path.exists(args.out) and not args.force:
+            raise ConversionError(f"{args.out} exists; pass --force to overwrite")
         if args.mode == "mmdet":
             variables = convert_mmdet_checkpoint(args.config, args.checkpoint,
                                                  args.allow_pickle)
         else:
             variables = convert_torchvision_checkpoint(args.depth, args.checkpoint,
                                                        args.allow_pickle)
-        if os.path.exists(args.out) and not args.force:
-            raise ConversionError(f"{args.out} exists; pass --force to overwrite")
         out = save_variables(args.out, variables, force=args.force)
     except ConversionError as e:
         print(f"solov2-convert: error: {e}", file=sys.stderr)
