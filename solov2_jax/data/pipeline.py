@@ -58,15 +58,16 @@ def _to_device_layout(batch, num_devices: int, per_device: int):
 def _keep_for_training(min_size: int, filter_empty_gt: bool):
     """mmdet CocoDataset.filter_data on a raw example.
 
-    mmdet keeps an image if it has any annotation of a known category, crowd included
-    (pycocotools' catToImgs counts every annotation), and min(w, h) >= min_size. The
-    builder already dropped degenerate boxes, so an image whose only annotations were
-    degenerate is dropped here while mmdet would keep it (with no targets).
+    mmdet keeps an image if it has any annotation of a known category, crowd and
+    degenerate ones included (pycocotools' catToImgs counts every annotation), and
+    min(w, h) >= min_size. `num_annotations` is that count, stored before the builder
+    skipped anything, so an image whose only annotation is degenerate is kept (with no
+    targets) exactly as in mmdet.
     """
     def keep(ex):
         ok = tf.minimum(ex["height"], ex["width"]) >= min_size
         if filter_empty_gt:
-            ok &= tf.shape(ex["objects"]["is_crowd"])[0] > 0
+            ok &= ex["num_annotations"] > 0
         return ok
 
     return keep
@@ -183,8 +184,7 @@ def eval_dataset(builder, data_cfg, *, num_local_devices: int, process_index: in
 
 def as_numpy_batches(ds):
     """Iterator of numpy dict batches (tfds.as_numpy without the import)."""
-    for batch in ds.as_numpy_iterator():
-        yield batch
+    yield from ds.as_numpy_iterator()
 
 
 def prefetch_to_device(iterator, size: int = 2, devices=None):

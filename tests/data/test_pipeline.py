@@ -18,10 +18,11 @@ from solov2_jax.structures import EVAL_KEYS, TRAIN_KEYS
 CATS = ("circle", "square", "blob")
 
 # (h, w, kind): both orientations, a square, a 24-px image (dropped: min_size 32), one
-# without annotations (dropped: filter_empty_gt) and one with only a crowd (kept by mmdet).
+# without annotations (dropped: filter_empty_gt), one with only a crowd and one with only a
+# degenerate box (both kept by mmdet, with no targets).
 TRAIN_SPECS = [(96, 128, "n"), (128, 96, "n"), (80, 160, "n"), (150, 100, "n"),
                (64, 64, "n"), (24, 40, "n"), (100, 120, "empty"), (90, 140, "crowd"),
-               (120, 90, "n"), (70, 110, "n")]
+               (110, 100, "degenerate"), (120, 90, "n"), (70, 110, "n")]
 VAL_SPECS = [(96, 128, "n"), (128, 96, "empty"), (100, 150, "n"), (140, 90, "n"),
              (64, 100, "n")]
 
@@ -48,7 +49,7 @@ def write_coco(root, stem, specs, seed):
         img = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (7, 7), 0)
         cv2.imwrite(str(root / stem / f"{iid}.jpg"), img)
         images.append({"id": iid, "file_name": f"{iid}.jpg", "height": h, "width": w})
-        n = 0 if kind == "empty" else (1 if kind == "crowd" else int(rng.integers(1, 5)))
+        n = {"empty": 0, "crowd": 1, "degenerate": 1}.get(kind, int(rng.integers(1, 5)))
         for j in range(n):
             crowd = kind == "crowd" or j == 3
             cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
@@ -57,6 +58,8 @@ def write_coco(root, stem, specs, seed):
             poly = np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], 1).ravel().tolist()
             rle = mask_utils.merge(mask_utils.frPyObjects([poly], h, w))
             x, y, bw, bh = mask_utils.toBbox(rle).tolist()
+            if kind == "degenerate":
+                bw = 0.5  # mmdet (and the builder) drop boxes with w < 1
             segm = _uncompressed_rle(mask_utils.decode(rle)) if crowd else [poly]
             anns.append({"id": len(anns) + 1 + 10000 * seed, "image_id": iid, "iscrowd":
                          int(crowd), "category_id": int(rng.integers(1, 4)),
@@ -127,7 +130,7 @@ def test_masks_sizes_and_filter_match_references(coco, mmdet):
             {"img": np.zeros((info["height"], info["width"], 3), np.uint8)})
         assert (nh, nw) == ref["img_shape"]
         assert b["image"].shape[:2] == T.bucket_shape(scale, info["width"] >= info["height"])
-        for aid, mask in zip(b["meta_ann_ids"], b["meta_masks"]):
+        for aid, mask in zip(b["meta_ann_ids"], b["meta_masks"], strict=True):
             want = cv2.resize(api.annToMask(api.anns[int(aid)]), (nw, nh),
                               interpolation=cv2.INTER_NEAREST)
             if b["meta_flip"]:
@@ -137,7 +140,7 @@ def test_masks_sizes_and_filter_match_references(coco, mmdet):
             assert union == 0 or inter / union >= 0.98, (iid, aid)
         # Targets are the exact reductions of the padded full-resolution masks.
         keep = [not api.anns[int(a)]["iscrowd"] and m.any()
-                for a, m in zip(b["meta_ann_ids"], b["meta_masks"])]
+                for a, m in zip(b["meta_ann_ids"], b["meta_masks"], strict=True)]
         full = np.zeros((len(keep),) + b["image"].shape[:2], np.uint8)
         full[:, :nh, :nw] = b["meta_masks"]
         n = int(sum(keep))
@@ -177,12 +180,12 @@ def test_deterministic_given_seed(coco):
         return _take(pipeline.train_dataset(builder, cfg, num_local_devices=2, seed=seed), 4)
 
     a, b, c = first(5), first(5), first(6)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
     assert any(not np.array_equal(x["image_id"], y["image_id"]) or
                x["image"].shape != y["image"].shape or
-               not np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
+               not np.array_equal(x["image"], y["image"]) for x, y in zip(a, c, strict=True))
 
 
 def test_eval_keeps_every_image_and_pads(coco):
@@ -210,7 +213,7 @@ def test_multi_host_slices_agree(coco):
     hosts = [_take(pipeline.train_dataset(builder, cfg, num_local_devices=2, process_index=p,
                                           process_count=2, seed=1), 4) for p in range(2)]
     single = _take(pipeline.train_dataset(builder, cfg, num_local_devices=4, seed=1), 4)
-    for h0, h1, one in zip(*hosts, single):
+    for h0, h1, one in zip(*hosts, single, strict=True):
         assert h0["image"].shape == h1["image"].shape == (2,) + one["image"].shape[1:]
         ids = np.concatenate([h0["image_id"].ravel(), h1["image_id"].ravel()])
         np.testing.assert_array_equal(ids, one["image_id"].ravel())

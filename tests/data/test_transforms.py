@@ -50,13 +50,19 @@ def test_nearest_resize_equals_cv2(h, w):
         np.testing.assert_array_equal(got, ref)
 
 
-def test_bilinear_image_close_to_cv2():
+@pytest.mark.parametrize("flip", [False, True])
+def test_image_close_to_cv2_then_normalised_and_padded(flip):
+    """Within 1 grey level of mmdet's cv2 INTER_LINEAR uint8 resize (+ flip, normalise)."""
     rng = np.random.default_rng(1)
     img = cv2.GaussianBlur(rng.integers(0, 256, (120, 200, 3), dtype=np.uint8), (5, 5), 0)
     for nh, nw in [(96, 160), (481, 801), (61, 99)]:
-        ref = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR).astype(int)
-        got = T.resize_image(img, nh, nw).numpy().astype(int)
-        assert np.abs(got - ref).max() <= 1  # cv2's fixed-point rounding only
+        ref = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+        ref = ((ref[:, ::-1] if flip else ref) - np.float32(MEAN)) / np.float32(STD)
+        got = T.resize_image(img, nh, nw, tf.constant(flip), MEAN, STD, nh + 31, nw + 3)
+        got = got.numpy()
+        assert got.shape == (nh + 31, nw + 3, 3)
+        assert (got[nh:] == 0).all() and (got[:, nw:] == 0).all()
+        assert np.abs(got[:nh, :nw] - ref).max() * max(STD) <= 1.0
 
 
 @pytest.mark.parametrize("flip", [False, True])
