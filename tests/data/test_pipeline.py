@@ -217,3 +217,21 @@ def test_multi_host_slices_agree(coco):
         assert h0["image"].shape == h1["image"].shape == (2,) + one["image"].shape[1:]
         ids = np.concatenate([h0["image_id"].ravel(), h1["image_id"].ravel()])
         np.testing.assert_array_equal(ids, one["image_id"].ravel())
+
+
+def test_demo_dataset_with_tiny_config(tmp_path):
+    """The demo data + configs/tiny.py as the trainer uses them: 8 devices, train and eval."""
+    from configs import tiny
+    from solov2_jax.data.make_demo import make_demo
+
+    make_demo(str(tmp_path / "demo"), num_train=12, num_val=5)
+    builder, _ = coco_builder.prepare(str(tmp_path / "demo"), str(tmp_path / "tfds"),
+                                      progress=False)
+    cfg = tiny.get_config().data
+    allowed = set(T.bucket_shapes(cfg.train_scales))
+    for b in _take(pipeline.train_dataset(builder, cfg, num_local_devices=8), 2):
+        assert b["image"].shape[:2] == (8, cfg.per_device_batch)
+        assert b["image"].shape[2:4] in allowed and b["gt_valid"].any()
+        assert b["gt_labels"].max() < 4
+    ev = _take(pipeline.eval_dataset(builder, cfg, num_local_devices=8), 10)
+    assert sum(int(b["valid"].sum()) for b in ev) == 5
