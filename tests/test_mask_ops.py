@@ -26,7 +26,7 @@ def test_downsample_x4_equals_mmcv_imrescale(mmdet):
     for h, w in [(32, 32), (96, 128), (224, 160)]:
         masks = random_masks(rng, 6, h, w)
         ours = mask_ops.downsample_x4(masks)
-        for m, o in zip(masks, ours):
+        for m, o in zip(masks, ours, strict=True):
             ref = mmcv.imrescale(m, scale=0.25)
             assert ref.shape == o.shape
             np.testing.assert_array_equal(o, ref)
@@ -45,6 +45,6 @@ def test_center_of_mass_equals_mmdet(mmdet):
     rng = np.random.default_rng(1)
     masks = random_masks(rng, 8, 96, 160)
     ours = mask_ops.center_of_mass(masks)
-    for m, o in zip(masks, ours):
+    for m, o in zip(masks, ours, strict=True):
         ch, cw = center_of_mass(torch.from_numpy(m.astype(bool)))
         assert o[0] == np.float32(ch.item()) and o[1] == np.float32(cw.item())
