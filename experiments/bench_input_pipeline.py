@@ -6,7 +6,7 @@ dir, builds it with `coco_builder`, then times `pipeline.train_dataset` at mmdet
 transfer), once restricted to one core (tf.data private thread pool of 1, intra-op 1) and
 once with all cores. Prints a markdown table and optionally writes it with --out.
 
-  python experiments/bench_input_pipeline.py --out experiments/results_input_pipeline.md
+  python experiments/bench_input_pipeline.py [--out table.md]   (record results in RESULTS.md)
 """
 
 from __future__ import annotations
