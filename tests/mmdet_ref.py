@@ -83,9 +83,21 @@ def build_model(name: str, seed: int = 0, test_cfg: dict | None = None):
     torch.manual_seed(seed)
     model = MODELS.build(cfg.model)
     model.init_weights()
-    g = torch.Generator().manual_seed(seed + 1)
+    randomise_(model, seed + 1)  # also switches to eval mode
+    return model, cfg
+
+
+def randomise_(module, seed: int = 0) -> None:
+    """Random conv weights and BN/GN affine params + running stats, in place; eval mode.
+
+    Default inits make eval-mode BN ~identity and zero the last BN of each block, which
+    would let a wrong mapping of those tensors pass unnoticed.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in model.modules():
+        for m in module.modules():
             if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
                 n = m.weight.shape[0]
                 m.weight.copy_(0.5 + torch.rand(n, generator=g))
@@ -96,11 +108,10 @@ def build_model(name: str, seed: int = 0, test_cfg: dict | None = None):
             if isinstance(m, torch.nn.Conv2d):
                 # He-like scale keeps activations O(1) through deep stacks.
                 fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (1.0 / fan_in) ** 0.5)
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * fan_in**-0.5)
                 if m.bias is not None:
                     m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-    model.eval()
-    return model, cfg
+    module.eval()
 
 
 def to_nchw(x: np.ndarray):

@@ -8,34 +8,9 @@ import numpy as np
 from flax import traverse_util
 
 from solov2_jax import convert
+from tests.mmdet_ref import randomise_  # noqa: F401  (re-exported for the model tests)
 
 TOL = 1e-4  # max |jax - torch| / max |torch|, float32
-
-
-def randomise_(module, seed: int = 0) -> None:
-    """Random conv weights and BN/GN affine params + running stats (as mmdet_ref does).
-
-    Default inits make eval-mode BN ~identity and zero the last BN of each block, which
-    would let a wrong mapping of those tensors pass unnoticed.
-    """
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
-                n = m.weight.shape[0]
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.2 * torch.randn(n, generator=g))
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-            if isinstance(m, torch.nn.Conv2d):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * fan_in**-0.5)
-                if m.bias is not None:
-                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-    module.eval()
 
 
 def state_dict_numpy(module) -> dict[str, np.ndarray]:
