@@ -347,8 +347,10 @@ def _execute(fv) -> dict:
         variables = load_variables(source)
         workdir = fv.workdir or source.rstrip(os.sep) + "_eval"
     else:
-        from solov2_jax.train import restore_variables  # lazy: train imports this module
-
+        try:  # lazy: train imports this module
+            from solov2_jax.train import restore_variables
+        except ImportError as e:
+            raise EvaluateError(f"cannot restore a training checkpoint: {e}") from e
         source = workdir = os.path.abspath(fv.workdir)
         variables = restore_variables(workdir)
     check_variables(config, variables, source, name)
@@ -362,8 +364,14 @@ def main(argv: list[str]) -> int:
     """CLI on its own flag registry (callable in-process); returns the exit status."""
     from absl import flags
 
+    # absl spells flags with underscores; accept the documented `--max-images` too.
+    argv = [a.replace("--max-images", "--max_images", 1) if a.startswith("--max-images")
+            else a for a in argv]
     fv = flags.FlagValues()
     _define_flags(fv, argv)
+    if any(a in ("-h", "--help", "-help") for a in argv[1:]):
+        print(__doc__ + "\nflags:\n" + fv.get_help())
+        return 0
     try:
         fv(argv)
         _execute(fv)

@@ -6,6 +6,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
@@ -13,7 +14,7 @@ from solov2_jax import convert
 from solov2_jax import evaluate as ev
 from solov2_jax.data import coco_builder
 from solov2_jax.data.make_demo import make_demo
-from solov2_jax.models import build_model, init_variables
+from solov2_jax.models import build_model
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 # A random tiny model scores ~0.01 (focal prior); low thresholds give it detections.
@@ -42,7 +43,22 @@ def _config(demo):
 
 @pytest.fixture(scope="module")
 def variables(demo):
-    return init_variables(build_model(_config(demo).model), jax.random.PRNGKey(0))
+    """Random variables of the tiny model, filled on the host from the traced shapes.
+
+    Compiling `model.init` takes ~20 s on 2 cores; real initialisation is tested in
+    tests/models. He-scaled kernels, unit BN/GN statistics, and the focal-prior class bias.
+    """
+    rng = np.random.default_rng(0)
+    flat = {}
+    for path, shape in convert.variable_shapes(build_model(_config(demo).model)).items():
+        if path[-1] in ("var", "scale"):
+            flat[path] = np.ones(shape, np.float32)
+        elif path[-1] in ("mean", "bias"):
+            flat[path] = np.full(shape, -4.6 if "conv_cls" in path else 0.0, np.float32)
+        else:
+            std = np.sqrt(2.0 / np.prod(shape[:-1]))
+            flat[path] = rng.normal(0.0, std, shape).astype(np.float32)
+    return traverse_util.unflatten_dict(flat)
 
 
 def _gt_instances(gt, cats, rng=None):
@@ -67,10 +83,12 @@ def _gt_instances(gt, cats, rng=None):
                 if rng.random() < 0.15:
                     label = int(rng.integers(0, len(cats)))
                 m = np.roll(m, tuple(rng.integers(-3, 4, 2)), axis=(0, 1))
-                score = float(rng.uniform(0.05, 1.0))
+                # float32 values, as mmdet's score tensors hold.
+                score = float(np.float32(rng.uniform(0.05, 1.0)))
                 if rng.random() < 0.3:
                     fp = np.roll(m, tuple(rng.integers(-12, 13, 2)), axis=(0, 1))
-                    insts.append({"mask": fp, "label": label, "score": float(rng.random())})
+                    fp_score = float(np.float32(rng.random()))
+                    insts.append({"mask": fp, "label": label, "score": fp_score})
             insts.append({"mask": m.astype(bool), "label": label, "score": score})
         out.append(insts)
     return image_ids, out
@@ -177,7 +195,7 @@ def test_cli_weights(demo, variables, tmp_path, capsys):
                  *(f"--config.test.{k}={v}" for k, v in LOW_THR.items())]
     out = tmp_path / "out"
     argv = ["solov2-evaluate", f"--config={TINY}", f"--weights={weights}",
-            f"--workdir={out}", "--max_images=2", *overrides]
+            f"--workdir={out}", "--max-images=2", *overrides]
     assert ev.main(argv) == 0
     assert json.loads((out / "eval_val.json").read_text())["num_images"] == 2
 
