@@ -159,13 +159,12 @@ def predict_batches(pred: Predictor, variables, batches, canvases, max_images=No
         flat = valid.reshape(-1)
         flat[np.cumsum(flat) > remaining] = False  # truncate to max_images
         remaining -= int(flat.sum())
-        ori = np.asarray(batch["ori_shape"])
-        portrait = bool(ori.reshape(-1, 2)[0, 1] < ori.reshape(-1, 2)[0, 0])
+        ori = np.asarray(batch["ori_shape"]).reshape(-1, 2)
+        portrait = bool(ori[0, 1] < ori[0, 0])  # a batch holds one orientation
         hw = canvases[portrait]
-        if (ori.reshape(-1, 2) > np.asarray(hw)).any():  # annotation JSON sizes disagree
-            hw = canvases[portrait] = tuple(
-                max(a, int(-(-b // 32) * 32)) for a, b in zip(hw, ori.reshape(-1, 2).max(0),
-                                                              strict=True))
+        if (ori > np.asarray(hw)).any():  # annotation JSON sizes disagree: grow, once
+            need = -(-ori.max(0) // 32) * 32
+            hw = canvases[portrait] = (max(hw[0], int(need[0])), max(hw[1], int(need[1])))
         dets = pred(variables, batch, hw)
         if pending is not None:
             yield _convert(*pending)
