@@ -1,0 +1,406 @@
+"""Data-parallel SOLOv2 training (jax.pmap over local devices) with exact resume.
+
+    python -m solov2_jax.train --config configs/tiny.py --workdir /tmp/tiny \\
+        [--config.train.max_steps=100] [--eval] [--distributed]
+
+Per step: model -> on-device targets -> focal + dice losses -> gradients w.r.t. the
+trainable parameters only (stem + layer1 are never differentiated) -> pmean over devices
+(mmdet's DDP averages gradients) -> mmdet's SGD recipe (`optim.py`). BatchNorm statistics
+are frozen (norm_eval), so `batch_stats` never change.
+
+Outputs under --workdir: checkpoints/<step> (orbax: step, params, batch_stats,
+opt_state), input_state/process_<i>/step_<step> (tf.data iterator state), metrics.jsonl,
+final_variables (orbax {'params', 'batch_stats'}, loadable with `convert.load_variables`).
+
+Exact resume. The input stream is deterministic given the seed, but reconstructing it
+by skipping N batches would re-decode every consumed image (hours at COCO scale), so the
+tf.data iterator itself is checkpointed with `tf.train.Checkpoint(iterator=...)`. The
+device prefetch pulls batches ahead of the step being trained, so the iterator state is
+written when exactly `s` batches have been pulled, for each step `s` that will be saved
+(multiples of checkpoint.every_steps and the last step), and kept only while orbax keeps
+step `s`. The state holds tf.data's internal buffers (shuffle buffer of encoded records,
+prefetched batches): tens of MB for the demo, up to ~1 GB per host for COCO.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import traverse_util
+
+from solov2_jax import models, optim
+from solov2_jax.losses import loss_kwargs, solov2_loss
+from solov2_jax.targets import batch_targets, target_kwargs
+
+AXIS = "batch"
+# Batch keys the step uses (image_id etc. stay on the host; int64 would not fit on device).
+STEP_KEYS = ("image", "gt_boxes", "gt_labels", "gt_masks", "gt_centers", "gt_valid")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32: optimiser updates applied
+    params: Any
+    batch_stats: Any  # frozen BN statistics (never updated)
+    opt_state: Any
+
+
+def _check_same_shapes(what: str, got: dict, want: dict) -> None:
+    got, want = traverse_util.flatten_dict(got), traverse_util.flatten_dict(want)
+    bad = [f"missing {'/'.join(k)}" for k in sorted(want.keys() - got.keys())]
+    bad += [f"unexpected {'/'.join(k)}" for k in sorted(got.keys() - want.keys())]
+    bad += [f"{'/'.join(k)}: {np.shape(got[k])} vs model {np.shape(want[k])}"
+            for k in sorted(want.keys() & got.keys()) if np.shape(got[k]) != np.shape(want[k])]
+    if bad:
+        raise ValueError(f"{what} does not match the model:\n  " + "\n  ".join(bad[:20]))
+
+
+def initial_variables(config, model, rng: jax.Array) -> dict:
+    """Random init, then config.train.pretrained (backbone) or init_checkpoint (all)."""
+    from solov2_jax import convert
+
+    variables = models.init_variables(model, rng)
+    if config.train.pretrained:
+        bb = convert.load_backbone_init(config.train.pretrained)
+        for col in ("params", "batch_stats"):
+            _check_same_shapes(f"{config.train.pretrained} [{col}]", bb[col],
+                               variables[col]["backbone"])
+            variables[col] = {**variables[col], "backbone": jax.tree.map(
+                lambda x, ref: jnp.asarray(x, ref.dtype), bb[col], variables[col]["backbone"])}
+    if config.train.init_checkpoint:
+        full = convert.load_variables(config.train.init_checkpoint)
+        _check_same_shapes(config.train.init_checkpoint, full, variables)
+        variables = jax.tree.map(lambda x, ref: jnp.asarray(x, ref.dtype), full, variables)
+    return variables
+
+
+def create_train_state(config, rng: jax.Array, *, model, tx) -> TrainState:
+    """Unreplicated initial TrainState (step 0)."""
+    variables = initial_variables(config, model, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"],
+                      opt_state=tx.init(variables["params"]))
+
+
+def train_step(state: TrainState, batch: dict, *, model, trainable, target_kw: dict,
+               loss_kw: dict, tx, schedule) -> tuple[TrainState, dict]:
+    """One SGD step on this device's [B, ...] batch (inside pmap, axis AXIS).
+
+    batch: structures.TRAIN_KEYS subset STEP_KEYS, e.g. image [B, Hp, Wp, 3]. Returns the
+    new state and device-averaged scalar metrics.
+    """
+    train_p, frozen_p = optim.partition(state.params, trainable)
+
+    def loss_fn(tp):
+        variables = {"params": optim.merge(tp, frozen_p), "batch_stats": state.batch_stats}
+        out = model.apply(variables, batch["image"])
+        targets = batch_targets(batch["gt_boxes"], batch["gt_labels"], batch["gt_centers"],
+                                batch["gt_valid"], featmap_hw=out.mask_feats.shape[1:3],
+                                **target_kw)
+        losses = solov2_loss(out.kernel_preds, out.cls_preds, out.mask_feats, targets,
+                             batch["gt_masks"], **loss_kw)
+        return losses["loss"], losses
+
+    grads, losses = jax.grad(loss_fn, has_aux=True)(train_p)
+    grads = jax.lax.pmean(grads, AXIS)
+    # Frozen leaves get constant zeros (set_to_zero ignores them; XLA folds them away).
+    full_grads = optim.merge(grads, jax.tree.map(jnp.zeros_like, frozen_p))
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, opt_state=opt_state,
+                              params=optax.apply_updates(state.params, updates))
+    metrics = dict(losses, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+    return new_state, jax.lax.pmean(metrics, AXIS)
+
+
+def make_p_train_step(config, model, tx, schedule, trainable):
+    """(pmapped train_step donating the state, list of traced per-device image shapes)."""
+    traces = []
+    step = functools.partial(
+        train_step, model=model, trainable=trainable, tx=tx, schedule=schedule,
+        target_kw={k: v for k, v in target_kwargs(config, (0, 0)).items()
+                   if k != "featmap_hw"},
+        loss_kw=loss_kwargs(config, AXIS))
+
+    def traced(state, batch):
+        traces.append(tuple(batch["image"].shape))  # runs once per compilation
+        logging.info("compiling train_step for per-device images %s", batch["image"].shape)
+        return step(state, batch)
+
+    return jax.pmap(traced, axis_name=AXIS, donate_argnums=(0,)), traces
+
+
+def local_mesh() -> jax.sharding.Mesh:
+    return jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+
+
+def replicate(tree, mesh: jax.sharding.Mesh):
+    """One copy per local device ([D, ...]), placed with the same NamedSharding the
+    pmapped step returns; a different input sharding would trigger a second compile."""
+    d = mesh.devices.size
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+    return jax.device_put(jax.tree.map(lambda x: np.broadcast_to(x, (d, *np.shape(x))),
+                                       tree), sharding)
+
+
+def unreplicate(tree):
+    """Host numpy copy of device 0's replica."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+
+class InputState:
+    """tf.data iterator checkpoints of this process, one per saved training step."""
+
+    def __init__(self, workdir: str, process_index: int):
+        self.root = os.path.join(workdir, "input_state", f"process_{process_index}")
+
+    def _dir(self, step: int) -> str:
+        return os.path.join(self.root, f"step_{step}")
+
+    def save(self, iterator, step: int) -> None:
+        import tensorflow as tf
+
+        shutil.rmtree(self._dir(step), ignore_errors=True)
+        tf.train.Checkpoint(iterator=iterator).write(os.path.join(self._dir(step), "it"))
+
+    def restore(self, iterator, step: int) -> bool:
+        import tensorflow as tf
+
+        if not os.path.isdir(self._dir(step)):
+            return False
+        tf.train.Checkpoint(iterator=iterator).read(
+            os.path.join(self._dir(step), "it")).assert_consumed()
+        return True
+
+    def prune(self, keep) -> None:
+        """Removes the states of steps not in `keep`."""
+        keep = {f"step_{s}" for s in keep}
+        for name in os.listdir(self.root) if os.path.isdir(self.root) else []:
+            if name not in keep:
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+
+def _feed(iterator, start: int, save_at, input_state: InputState):
+    """Numpy STEP_KEYS batches; saves the iterator state before pulling batch `s` (i.e.
+    after exactly s were pulled) for every s in save_at."""
+    step = start
+    while True:
+        if step in save_at:
+            input_state.save(iterator, step)
+        batch = next(iterator)
+        yield {k: batch[k].numpy() for k in STEP_KEYS}
+        step += 1
+
+
+def prepare_data(config, workdir: str):
+    """(TFDS builder, split size) of config.data (or the demo data under workdir)."""
+    from solov2_jax.data import coco_builder, prepare
+
+    def build():
+        coco_dir = config.data.coco_dir or prepare.ensure_demo(os.path.join(workdir, "data"))
+        data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+        return coco_builder.prepare(coco_dir, data_dir, progress=False)
+
+    # Process 0 builds first; the others then find it prepared (on a shared workdir) or
+    # build their own copy, instead of racing on the same files.
+    if jax.process_index() == 0:
+        builder, summary = build()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("solov2 training data prepared")
+    if jax.process_index() != 0:
+        builder, summary = build()
+    if jax.process_index() == 0:
+        logging.info("%s", prepare.format_summary(summary, builder.builder_config.name))
+    return builder, builder.info.splits[config.data.train_split].num_examples
+
+
+def _checkpoint_manager(workdir: str, config=None):
+    import orbax.checkpoint as ocp
+
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=int(config.checkpoint.max_to_keep) if config else None, create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 options=opts)
+
+
+def restore_variables(workdir: str) -> dict:
+    """{'params', 'batch_stats'} of the latest checkpoint in <workdir>/checkpoints."""
+    import orbax.checkpoint as ocp
+
+    with _checkpoint_manager(workdir) as mngr:
+        step = mngr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {os.path.abspath(workdir)}/checkpoints")
+        restored = mngr.restore(step, args=ocp.args.StandardRestore())
+    return {k: jax.tree.map(jnp.asarray, restored[k]) for k in ("params", "batch_stats")}
+
+
+def _log_metrics(workdir: str, step: int, window: list, seconds: float, images: int) -> None:
+    host = [{k: v[0] for k, v in m.items()} for m in jax.device_get(window)]
+    avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    avg["lr"] = float(host[-1]["lr"])
+    avg["images_per_s"] = images / max(seconds, 1e-9)
+    logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in avg.items()))
+    overflow = sum(m["num_overflow"] for m in host)
+    if overflow > 0:
+        logging.warning("step %d: %d positive pairs dropped (raise loss.max_positives)",
+                        step, overflow)
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **avg}) + "\n")
+
+
+def build_training(config, num_images: int, global_batch: int):
+    """(model, tx, schedule, trainable mask, steps_per_epoch, total_steps) of a config."""
+    spe = optim.steps_per_epoch(num_images, global_batch)
+    total = int(config.train.max_steps) if config.train.max_steps > 0 else \
+        int(config.optim.epochs) * spe
+    schedule = optim.learning_rate_schedule(config.optim, steps_per_epoch=spe,
+                                            global_batch=global_batch)
+    model = models.build_model(config.model, dtype=config.train.dtype)
+    shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0)))
+    trainable = models.trainable_mask(shapes["params"], int(config.model.frozen_stages))
+    tx = optim.build_optimizer(config.optim, schedule, trainable)
+    return model, tx, schedule, trainable, spe, total
+
+
+def train_and_evaluate(config, workdir: str, *, run_eval: bool = False) -> dict:
+    """Trains (resuming from <workdir>/checkpoints) and returns the final variables."""
+    import orbax.checkpoint as ocp
+
+    from solov2_jax import convert
+    from solov2_jax.data import pipeline
+
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    lead = jax.process_index() == 0
+    mesh = local_mesh()
+    global_batch = int(config.data.per_device_batch) * jax.device_count()
+    builder, num_images = prepare_data(config, workdir)
+    model, tx, schedule, trainable, spe, total = build_training(config, num_images,
+                                                                global_batch)
+    state = create_train_state(config, jax.random.PRNGKey(int(config.train.seed)),
+                               model=model, tx=tx)
+    state = jax.tree.map(np.asarray, dict(step=state.step, params=state.params,
+                                          batch_stats=state.batch_stats,
+                                          opt_state=state.opt_state))
+
+    mngr = _checkpoint_manager(workdir, config)
+    every = int(config.checkpoint.every_steps)
+    input_state = InputState(workdir, jax.process_index())
+    ds = pipeline.train_dataset(builder, config.data, num_local_devices=jax.local_device_count(),
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count(), seed=int(config.data.seed))
+    iterator = iter(ds)
+    start = mngr.latest_step() or 0
+    if start:
+        state = mngr.restore(start, args=ocp.args.StandardRestore(state))
+        if not input_state.restore(iterator, start):
+            logging.warning("no input state for step %d: replaying %d batches", start, start)
+            iterator = iter(ds.skip(start))
+        logging.info("resumed from step %d", start)
+    if lead:
+        logging.info("%d train images, global batch %d, %d steps/epoch, training steps "
+                     "%d -> %d", num_images, global_batch, spe, start, total)
+    save_at = {s for s in range(start + 1, total + 1) if s % every == 0 or s == total}
+    batches = pipeline.prefetch_to_device(_feed(iterator, start, save_at, input_state), 2)
+    p_step, traces = make_p_train_step(config, model, tx, schedule, trainable)
+    rstate = replicate(TrainState(**state), mesh)
+
+    window, t0, step = [], time.perf_counter(), start
+    while step < total:
+        rstate, metrics = p_step(rstate, next(batches))
+        step += 1
+        window.append(metrics)
+        if lead and (step % int(config.train.log_every) == 0 or step == total):
+            _log_metrics(workdir, step, window, time.perf_counter() - t0,
+                         len(window) * global_batch)
+            window, t0 = [], time.perf_counter()
+        if step in save_at:
+            host = unreplicate(rstate)
+            mngr.save(step, args=ocp.args.StandardSave(dict(
+                step=host.step, params=host.params, batch_stats=host.batch_stats,
+                opt_state=host.opt_state)), force=True)
+            mngr.wait_until_finished()
+            input_state.prune(set(mngr.all_steps()) | {s for s in save_at if s > step})
+    if lead and traces:
+        logging.info("train_step compiled %d times: %s", len(traces), traces)
+    final = unreplicate(rstate)
+    mngr.close()
+    variables = {"params": final.params, "batch_stats": final.batch_stats}
+    convert.save_variables(os.path.join(workdir, "final_variables"), variables, force=True)
+    if run_eval:
+        from solov2_jax import evaluate  # lazy: written separately, not needed to train
+
+        metrics = evaluate.evaluate(config, variables, workdir=workdir)
+        if lead:
+            with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "eval": metrics}) + "\n")
+    return variables
+
+
+def _define_flags(fv, argv):
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "configs/<name>.py", flag_values=fv,
+                                    sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "checkpoints, metrics and demo data go here",
+                        flag_values=fv)
+    flags.DEFINE_bool("eval", False, "evaluate the final weights (solov2_jax.evaluate)",
+                      flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "multi-host: jax.distributed.initialize()",
+                      flag_values=fv)
+
+
+def main(argv: list[str]) -> int:
+    """CLI on its own flag registry (callable in-process); returns the exit status."""
+    from absl import flags
+
+    fv = flags.FlagValues()
+    _define_flags(fv, argv)
+    try:
+        fv(argv)
+        if fv.config is None or not fv.workdir:
+            raise flags.Error("--config and --workdir are required")
+    except flags.Error as e:
+        print(f"solov2-train: error: {e}", file=sys.stderr)
+        return 1
+    if fv.distributed:
+        jax.distributed.initialize()
+    logging.info("JAX devices: %d local / %d global, process %d of %d",
+                 jax.local_device_count(), jax.device_count(), jax.process_index(),
+                 jax.process_count())
+    train_and_evaluate(fv.config, fv.workdir, run_eval=fv.eval)
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point (`solov2-train`)."""
+    from absl import app
+
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_absl_defaults_only)
+
+
+def _absl_defaults_only(argv: list[str]) -> list[str]:
+    """absl's own flags stay at their defaults; main() parses the full argv itself."""
+    from absl import flags
+
+    flags.FLAGS(argv[:1])
+    return argv
+
+
+if __name__ == "__main__":
+    run()

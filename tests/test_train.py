@@ -1,0 +1,190 @@
+"""Training loop on 8 forced CPU devices: pmapped step, overfitting, exact resume, CLI."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import tiny
+from solov2_jax import convert, train
+from solov2_jax.data import coco_builder, pipeline
+from solov2_jax.data.make_demo import make_demo
+
+NUM_DEV = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """Persistent XLA cache for this module: every run below compiles the same two
+    programs (one per bucket shape), so only the first compile of each is paid for."""
+    from jax._src import compilation_cache as cc
+
+    old = (jax.config.jax_compilation_cache_dir,
+           jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_demo")
+    make_demo(str(root / "demo"), num_train=16, num_val=4)
+    builder, _ = coco_builder.prepare(str(root / "demo"), str(root / "tfds"), progress=False)
+    return root, builder
+
+
+def _config(root):
+    c = tiny.get_config()
+    c.data.coco_dir = str(root / "demo")
+    c.data.data_dir = str(root / "tfds")
+    c.data.per_device_batch = 1
+    c.data.train_scales = ((160, 128),)  # one scale: 2 bucket shapes (orientations)
+    # Short warm-up and no lr drop (tiny's milestone would fall at step 6 here), so the
+    # overfit test moves quickly; 0.01 (tiny's lr) is stable at global batch 8.
+    c.optim.warmup_iters = 3
+    c.optim.epochs, c.optim.milestones = 100, (90,)
+    c.train.log_every = 2
+    c.checkpoint.every_steps = 2
+    return c
+
+
+@pytest.fixture(scope="module")
+def trainer(demo):
+    """Everything the step needs, built once, plus an untouched host copy of the state."""
+    root, builder = demo
+    cfg = _config(root)
+    assert jax.local_device_count() == NUM_DEV
+    num_images = builder.info.splits["train"].num_examples
+    model, tx, schedule, trainable, _, _ = train.build_training(cfg, num_images, NUM_DEV)
+    state = train.create_train_state(cfg, jax.random.PRNGKey(0), model=model, tx=tx)
+    p_step, traces = train.make_p_train_step(cfg, model, tx, schedule, trainable)
+    return dict(cfg=cfg, builder=builder, trainable=trainable, p_step=p_step, traces=traces,
+                host=jax.tree.map(np.asarray, state), mesh=train.local_mesh())
+
+
+def _batches(t, seed=0):
+    ds = pipeline.train_dataset(t["builder"], t["cfg"].data, num_local_devices=NUM_DEV,
+                                seed=seed)
+    host = ({k: b[k] for k in train.STEP_KEYS} for b in pipeline.as_numpy_batches(ds))
+    return pipeline.prefetch_to_device(host, 2)
+
+
+def test_pmapped_step_updates_only_trainable_and_compiles_once_per_shape(trainer):
+    t = trainer
+    rstate = train.replicate(train.TrainState(**vars(t["host"])), t["mesh"])
+    batches, shapes, metrics = _batches(t), [], []
+    for _ in range(6):
+        batch = next(batches)
+        shapes.append(batch["image"].shape[2:4])
+        rstate, m = t["p_step"](rstate, batch)
+        metrics.append(jax.device_get(m))
+    assert len(set(shapes)) == 2, shapes  # both orientations occurred
+    assert len(t["traces"]) == 2 and set(s[1:3] for s in t["traces"]) == set(shapes)
+    for m in metrics:
+        assert all(np.isfinite(v).all() for v in m.values()), m
+        assert all(np.all(v == v[0]) for v in m.values())  # pmean'd: same on every device
+    assert np.all([m["num_pos"][0] > 0 for m in metrics])
+
+    # Replicas stay identical; frozen params and BN stats are bit-unchanged.
+    leaf = rstate.params["mask_head"]["conv_cls"]["kernel"]
+    shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+    assert all(np.array_equal(s, shards[0]) for s in shards)
+    final = train.unreplicate(rstate)
+    assert int(final.step) == 6
+    flat0 = traverse_util.flatten_dict(t["host"].params)
+    flat1 = traverse_util.flatten_dict(final.params)
+    mask = traverse_util.flatten_dict(t["trainable"])
+    frozen = [k for k in flat0 if not mask[k]]
+    assert frozen and all(k[1] in ("conv1", "bn1") or k[1].startswith("layer1_")
+                          for k in frozen)
+    for k in frozen:
+        np.testing.assert_array_equal(flat1[k], flat0[k], err_msg=str(k))
+    changed = [k for k in flat0 if mask[k] and not np.array_equal(flat1[k], flat0[k])]
+    assert len(changed) == sum(mask.values())  # every trainable leaf moved
+    jax.tree.map(np.testing.assert_array_equal, final.batch_stats, t["host"].batch_stats)
+
+
+def test_overfits_a_fixed_batch(trainer):
+    t = trainer
+    n_traces = len(t["traces"])
+    rstate = train.replicate(train.TrainState(**vars(t["host"])), t["mesh"])
+    batch = next(_batches(t, seed=3))
+    losses = []
+    for _ in range(35):
+        rstate, m = t["p_step"](rstate, batch)
+        losses.append(float(m["loss"][0]))
+    assert len(t["traces"]) == n_traces  # no recompilation for a known shape
+    first, last = losses[0], float(np.mean(losses[-5:]))
+    print(f"overfit: loss {first:.4f} -> {last:.4f}")
+    assert np.all(np.isfinite(losses)) and last < 0.6 * first, losses
+
+
+def _cli(cfg, workdir, max_steps):
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = ["solov2-train", f"--config={here}/configs/tiny.py", f"--workdir={workdir}",
+            f"--config.data.coco_dir={cfg.data.coco_dir}",
+            f"--config.data.data_dir={cfg.data.data_dir}",
+            "--config.data.per_device_batch=1", "--config.data.train_scales=((160, 128),)",
+            "--config.optim.warmup_iters=3", "--config.optim.epochs=100",
+            "--config.optim.milestones=(90,)",
+            "--config.train.log_every=2", "--config.checkpoint.every_steps=2",
+            f"--config.train.max_steps={max_steps}"]
+    assert train.main(argv) == 0
+
+
+def _restore_step(workdir, step):
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(workdir, "checkpoints", str(step), "default")
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path)
+
+
+def test_cli_and_exact_resume(demo, trainer, tmp_path):
+    """6 steps straight == 4 steps, restart (new process state), 2 more: bit for bit."""
+    cfg = trainer["cfg"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    _cli(cfg, straight, 6)
+    _cli(cfg, resumed, 4)
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["2", "4"]
+    _cli(cfg, resumed, 6)
+
+    # What the CLI wrote.
+    rows = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for key in ("loss", "loss_cls", "loss_mask", "num_pos", "num_overflow", "grad_norm",
+                "lr", "images_per_s"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    resumed_rows = [json.loads(line) for line in open(os.path.join(resumed, "metrics.jsonl"))]
+    assert resumed_rows == [{**r, "images_per_s": s["images_per_s"]}
+                            for r, s in zip(rows, resumed_rows, strict=True)]
+    # max_to_keep=3 of the tiny config: steps 2, 4, 6.
+    assert sorted(os.listdir(os.path.join(straight, "checkpoints"))) == ["2", "4", "6"]
+    assert sorted(os.listdir(os.path.join(straight, "input_state", "process_0"))) == [
+        "step_2", "step_4", "step_6"]
+
+    a, b = _restore_step(straight, 6), _restore_step(resumed, 6)
+    assert int(a["step"]) == int(b["step"]) == 6
+    jax.tree.map(np.testing.assert_array_equal, a, b)  # params, BN stats AND momentum
+    final = convert.load_variables(os.path.join(straight, "final_variables"))
+    jax.tree.map(np.testing.assert_array_equal, final,
+                 {k: a[k] for k in ("params", "batch_stats")})
+    restored = train.restore_variables(resumed)
+    assert set(restored) == {"params", "batch_stats"}
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), y),
+                 restored, {k: a[k] for k in ("params", "batch_stats")})
+    assert isinstance(jax.tree.leaves(restored)[0], jnp.ndarray)
+
+
+def test_cli_rejects_missing_flags(capsys):
+    assert train.main(["solov2-train", "--workdir=/nonexistent"]) == 1
+    assert "--config" in capsys.readouterr().err
