@@ -249,7 +249,7 @@ def restore_variables(workdir: str) -> dict:
 
 
 def _log_metrics(workdir: str, step: int, window: list, seconds: float, images: int) -> None:
-    host = [{k: v[0] for k, v in m.items()} for m in jax.device_get(window)]
+    host = [{k: v[0] for k, v in m.items()} for m in window]
     avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
     avg["lr"] = float(host[-1]["lr"])
     avg["images_per_s"] = images / max(seconds, 1e-9)
@@ -324,9 +324,11 @@ def train_and_evaluate(config, workdir: str, *, run_eval: bool = False) -> dict:
         rstate, metrics = p_step(rstate, next(batches))
         step += 1
         window.append(metrics)
-        if lead and (step % int(config.train.log_every) == 0 or step == total):
-            _log_metrics(workdir, step, window, time.perf_counter() - t0,
-                         len(window) * global_batch)
+        if step % int(config.train.log_every) == 0 or step == total:
+            window = jax.device_get(window)  # waits for the steps, so images/s is honest
+            if lead:
+                _log_metrics(workdir, step, window, time.perf_counter() - t0,
+                             len(window) * global_batch)
             window, t0 = [], time.perf_counter()
         if step in save_at:
             host = unreplicate(rstate)
@@ -365,6 +367,12 @@ def _define_flags(fv, argv):
                       flag_values=fv)
 
 
+def _drop_orbax_info(record) -> bool:
+    """orbax logs every save at INFO through absl: keep its warnings, drop the chatter."""
+    return record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in \
+        record.pathname
+
+
 def main(argv: list[str]) -> int:
     """CLI on its own flag registry (callable in-process); returns the exit status."""
     from absl import flags
@@ -380,6 +388,7 @@ def main(argv: list[str]) -> int:
         return 1
     if fv.distributed:
         jax.distributed.initialize()
+    logging.get_absl_logger().addFilter(_drop_orbax_info)  # same object: added once
     logging.info("JAX devices: %d local / %d global, process %d of %d",
                  jax.local_device_count(), jax.device_count(), jax.process_index(),
                  jax.process_count())

@@ -2,6 +2,8 @@
 
 import json
 import os
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import solov2_jax
 from configs import tiny
 from solov2_jax import convert, train
 from solov2_jax.data import coco_builder, pipeline
@@ -128,7 +131,7 @@ def test_overfits_a_fixed_batch(trainer):
     assert np.all(np.isfinite(losses)) and last < 0.6 * first, losses
 
 
-def _cli(cfg, workdir, max_steps):
+def _cli(cfg, workdir, max_steps, *extra):
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     argv = ["solov2-train", f"--config={here}/configs/tiny.py", f"--workdir={workdir}",
             f"--config.data.coco_dir={cfg.data.coco_dir}",
@@ -137,7 +140,7 @@ def _cli(cfg, workdir, max_steps):
             "--config.optim.warmup_iters=3", "--config.optim.epochs=100",
             "--config.optim.milestones=(90,)",
             "--config.train.log_every=2", "--config.checkpoint.every_steps=2",
-            f"--config.train.max_steps={max_steps}"]
+            f"--config.train.max_steps={max_steps}", *extra]
     assert train.main(argv) == 0
 
 
@@ -149,14 +152,24 @@ def _restore_step(workdir, step):
         return ckptr.restore(path)
 
 
-def test_cli_and_exact_resume(demo, trainer, tmp_path):
+def test_cli_and_exact_resume(demo, trainer, tmp_path, monkeypatch):
     """6 steps straight == 4 steps, restart (new process state), 2 more: bit for bit."""
     cfg = trainer["cfg"]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     _cli(cfg, straight, 6)
     _cli(cfg, resumed, 4)
     assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["2", "4"]
-    _cli(cfg, resumed, 6)
+    # --eval hands the final variables to solov2_jax.evaluate.evaluate (a stand-in here:
+    # that module is tested on its own).
+    calls = []
+    fake = types.ModuleType("solov2_jax.evaluate")
+    fake.evaluate = lambda config, variables, *, workdir: calls.append(
+        (config, variables, workdir)) or {"segm_mAP": 0.5}
+    monkeypatch.setitem(sys.modules, "solov2_jax.evaluate", fake)
+    monkeypatch.setattr(solov2_jax, "evaluate", fake, raising=False)
+    _cli(cfg, resumed, 6, "--eval")
+    assert len(calls) == 1 and calls[0][2] == resumed
+    assert calls[0][0].train.max_steps == 6 and set(calls[0][1]) == {"params", "batch_stats"}
 
     # What the CLI wrote.
     rows = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
@@ -165,6 +178,7 @@ def test_cli_and_exact_resume(demo, trainer, tmp_path):
                 "lr", "images_per_s"):
         assert all(np.isfinite(r[key]) for r in rows), key
     resumed_rows = [json.loads(line) for line in open(os.path.join(resumed, "metrics.jsonl"))]
+    assert resumed_rows.pop() == {"step": 6, "eval": {"segm_mAP": 0.5}}
     assert resumed_rows == [{**r, "images_per_s": s["images_per_s"]}
                             for r, s in zip(rows, resumed_rows, strict=True)]
     # max_to_keep=3 of the tiny config: steps 2, 4, 6.
