@@ -165,23 +165,23 @@ class InputState:
     def __init__(self, workdir: str, process_index: int):
         self.root = os.path.join(workdir, "input_state", f"process_{process_index}")
 
-    def _dir(self, step: int) -> str:
-        return os.path.join(self.root, f"step_{step}")
+    def _prefix(self, step: int) -> str:
+        return os.path.join(self.root, f"step_{step}", "it")
 
     def save(self, iterator, step: int) -> None:
         import tensorflow as tf
 
-        shutil.rmtree(self._dir(step), ignore_errors=True)
-        tf.train.Checkpoint(iterator=iterator).write(os.path.join(self._dir(step), "it"))
+        shutil.rmtree(os.path.dirname(self._prefix(step)), ignore_errors=True)
+        tf.train.Checkpoint(iterator=iterator).write(self._prefix(step))
 
     def restore(self, iterator, step: int) -> bool:
+        """Positions a fresh iterator after the batches of `step`; False if not saved."""
         import tensorflow as tf
 
-        if not os.path.isdir(self._dir(step)):
-            return False
-        tf.train.Checkpoint(iterator=iterator).read(
-            os.path.join(self._dir(step), "it")).assert_consumed()
-        return True
+        found = os.path.isdir(os.path.dirname(self._prefix(step)))
+        if found:
+            tf.train.Checkpoint(iterator=iterator).read(self._prefix(step)).assert_consumed()
+        return found
 
     def prune(self, keep) -> None:
         """Removes the states of steps not in `keep`."""
@@ -293,9 +293,7 @@ def train_and_evaluate(config, workdir: str, *, run_eval: bool = False) -> dict:
                                                                 global_batch)
     state = create_train_state(config, jax.random.PRNGKey(int(config.train.seed)),
                                model=model, tx=tx)
-    state = jax.tree.map(np.asarray, dict(step=state.step, params=state.params,
-                                          batch_stats=state.batch_stats,
-                                          opt_state=state.opt_state))
+    state = dict(vars(jax.tree.map(np.asarray, state)))  # orbax (de)serialises plain dicts
 
     mngr = _checkpoint_manager(workdir, config)
     every = int(config.checkpoint.every_steps)
@@ -332,9 +330,7 @@ def train_and_evaluate(config, workdir: str, *, run_eval: bool = False) -> dict:
             window, t0 = [], time.perf_counter()
         if step in save_at:
             host = unreplicate(rstate)
-            mngr.save(step, args=ocp.args.StandardSave(dict(
-                step=host.step, params=host.params, batch_stats=host.batch_stats,
-                opt_state=host.opt_state)), force=True)
+            mngr.save(step, args=ocp.args.StandardSave(dict(vars(host))), force=True)
             mngr.wait_until_finished()
             input_state.prune(set(mngr.all_steps()) | {s for s in save_at if s > step})
     if lead and traces:
