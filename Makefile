@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
+DEMO_DIR ?= workdir/demo
+
 .PHONY: test demo lint venv
 
 venv: $(VENV)/.installed
@@ -19,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: venv
 	$(PY) -m pytest -n 2 -q -p no:cacheprovider tests
+
+# Trains configs/tiny.py on the generated demo COCO data, then evaluates mask AP.
+demo: venv
+	$(PY) -m solov2_jax.train --config configs/tiny.py --workdir $(CURDIR)/$(DEMO_DIR) --eval
 
 lint: venv
 	$(VENV)/bin/ruff check solov2_jax configs tests experiments
