@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: venv
-	$(PY) -m pytest -n 2 -q -p no:cacheprovider tests
+	$(PY) -m pytest -n 2 --dist loadfile -q -p no:cacheprovider tests
 
 # Trains configs/tiny.py on the generated demo COCO data, then evaluates mask AP.
 demo: venv
