@@ -40,8 +40,9 @@ from absl import logging
 
 from solov2_jax.models import build_model
 from solov2_jax.postprocess import postprocess_fn
+from solov2_jax.structures import DATA_AXIS as AXIS
+from solov2_jax.structures import local_mesh
 
-AXIS = "batch"  # pmap axis name == mesh axis name of pipeline.prefetch_to_device
 METRIC_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")  # COCOeval.stats[:6]
 MAX_DETS = (100, 300, 1000)  # mmdet CocoMetric.proposal_nums
 IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
@@ -75,7 +76,7 @@ class Predictor:
         return dets.replace(masks=jnp.packbits(dets.masks, axis=-1))
 
     def __call__(self, variables, batch, out_hw):
-        mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+        mesh = local_mesh()
         shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
         args = [jax.device_put(batch[k], shard) for k in ("image", "img_shape", "ori_shape")]
         return self._pmap(variables, *args, tuple(int(v) for v in out_hw))
@@ -101,7 +102,7 @@ def replicate(variables):
     The mesh axis is the pmap axis; with plain (single-device) arrays pmap would compile
     a second program for the same shapes.
     """
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+    mesh = local_mesh()
     return jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 

@@ -25,12 +25,23 @@ from __future__ import annotations
 
 import flax.struct
 import jax
+import numpy as np
 
 TRAIN_KEYS = (
     "image", "img_shape", "ori_shape", "image_id",
     "gt_boxes", "gt_labels", "gt_masks", "gt_centers", "gt_valid",
 )
 EVAL_KEYS = ("image", "img_shape", "ori_shape", "image_id", "valid")
+
+# The data-parallel axis: pmap's axis_name and the mesh axis that batches and replicated
+# state are placed on. They must agree, or pmap compiles a second program.
+DATA_AXIS = "batch"
+
+
+def local_mesh(devices=None) -> jax.sharding.Mesh:
+    """1-D mesh over this process's devices (default: all local ones), axis DATA_AXIS."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    return jax.sharding.Mesh(np.array(devices), (DATA_AXIS,))
 
 
 @flax.struct.dataclass

@@ -42,9 +42,10 @@ from flax import traverse_util
 
 from solov2_jax import models, optim
 from solov2_jax.losses import loss_kwargs, solov2_loss
+from solov2_jax.structures import DATA_AXIS as AXIS
+from solov2_jax.structures import local_mesh
 from solov2_jax.targets import batch_targets, target_kwargs
 
-AXIS = "batch"
 # Batch keys the step uses (image_id etc. stay on the host; int64 would not fit on device).
 STEP_KEYS = ("image", "gt_boxes", "gt_labels", "gt_masks", "gt_centers", "gt_valid")
 
@@ -139,10 +140,6 @@ def make_p_train_step(config, model, tx, schedule, trainable):
         return step(state, batch)
 
     return jax.pmap(traced, axis_name=AXIS, donate_argnums=(0,)), traces
-
-
-def local_mesh() -> jax.sharding.Mesh:
-    return jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
 
 
 def replicate(tree, mesh: jax.sharding.Mesh):

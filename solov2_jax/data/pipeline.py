@@ -27,11 +27,11 @@ import collections
 import itertools
 
 import jax
-import numpy as np
 import tensorflow as tf
 
 from solov2_jax.data import coco_builder
 from solov2_jax.data import transforms as T
+from solov2_jax.structures import DATA_AXIS, local_mesh
 
 _SALT_FLIP, _SALT_SCALE = 1, 2
 
@@ -193,9 +193,8 @@ def prefetch_to_device(iterator, size: int = 2, devices=None):
     Arrays are sharded along axis 0 (what jax.pmap expects) without the host-side copy
     flax.jax_utils.prefetch_to_device makes.
     """
-    devices = list(jax.local_devices() if devices is None else devices)
-    mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    mesh = local_mesh(devices)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
     queue = collections.deque()
 
     def enqueue(n):
