@@ -89,6 +89,20 @@ def variable_shapes(module, image_hw: tuple[int, int] = _TRACE_HW) -> dict:
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(shapes)).items()}
 
 
+def shape_mismatches(variables: Mapping[str, Any], expected: Mapping[tuple, tuple]) -> list[str]:
+    """Differences between a variables tree and `variable_shapes`-style expected shapes.
+
+    One line per missing, unexpected and mis-shaped leaf (paths joined with '/'); empty
+    when they match. Used wherever already-converted variables meet a model.
+    """
+    got = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(variables)).items()}
+    problems = [f"missing {'/'.join(k)}" for k in sorted(expected.keys() - got.keys())]
+    problems += [f"unexpected {'/'.join(k)}" for k in sorted(got.keys() - expected.keys())]
+    problems += [f"{'/'.join(k)}: weights {got[k]}, model {expected[k]}"
+                 for k in sorted(expected.keys() & got.keys()) if got[k] != tuple(expected[k])]
+    return problems
+
+
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], table: Mapping[str, ct.Target],
                        expected: Mapping[tuple, tuple], torchvision: bool = False) -> dict:
     """Applies `table` strictly; returns {'params': ..., 'batch_stats': ...} (numpy).

@@ -299,16 +299,9 @@ def evaluate(config, variables, *, workdir: str, split: str | None = None,
 
 def check_variables(config, variables, source: str, config_name: str) -> None:
     """Raises EvaluateError naming `source` and `config_name` if shapes do not match."""
-    from flax import traverse_util
+    from solov2_jax.convert import shape_mismatches, variable_shapes
 
-    from solov2_jax.convert import variable_shapes
-
-    want = variable_shapes(build_model(config.model))
-    got = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(variables)).items()}
-    problems = [f"missing {'/'.join(k)}" for k in sorted(want.keys() - got.keys())]
-    problems += [f"unexpected {'/'.join(k)}" for k in sorted(got.keys() - want.keys())]
-    problems += [f"{'/'.join(k)}: weights {got[k]}, model {want[k]}"
-                 for k in sorted(want.keys() & got.keys()) if got[k] != want[k]]
+    problems = shape_mismatches(variables, variable_shapes(build_model(config.model)))
     if problems:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise EvaluateError(f"weights at {source} do not match the model of {config_name} "

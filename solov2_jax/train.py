@@ -59,11 +59,10 @@ class TrainState:
 
 
 def _check_same_shapes(what: str, got: dict, want: dict) -> None:
-    got, want = traverse_util.flatten_dict(got), traverse_util.flatten_dict(want)
-    bad = [f"missing {'/'.join(k)}" for k in sorted(want.keys() - got.keys())]
-    bad += [f"unexpected {'/'.join(k)}" for k in sorted(got.keys() - want.keys())]
-    bad += [f"{'/'.join(k)}: {np.shape(got[k])} vs model {np.shape(want[k])}"
-            for k in sorted(want.keys() & got.keys()) if np.shape(got[k]) != np.shape(want[k])]
+    from solov2_jax.convert import shape_mismatches
+
+    expected = {k: np.shape(v) for k, v in traverse_util.flatten_dict(want).items()}
+    bad = shape_mismatches(got, expected)
     if bad:
         raise ValueError(f"{what} does not match the model:\n  " + "\n  ".join(bad[:20]))
 

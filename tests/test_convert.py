@@ -154,3 +154,14 @@ def test_help_documents_both_modes(capsys):
     proc = subprocess.run([sys.executable, "-m", "solov2_jax.convert", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "torchvision" in proc.stdout
+
+
+def test_shape_mismatches_names_every_difference():
+    expected = {("params", "a", "kernel"): (3, 3), ("params", "b", "bias"): (4,)}
+    assert convert.shape_mismatches(
+        {"params": {"a": {"kernel": np.zeros((3, 3))}, "b": {"bias": np.zeros(4)}}},
+        expected) == []
+    got = {"params": {"a": {"kernel": np.zeros((3, 2))}, "c": {"bias": np.zeros(4)}}}
+    assert convert.shape_mismatches(got, expected) == [
+        "missing params/b/bias", "unexpected params/c/bias",
+        "params/a/kernel: weights (3, 2), model (3, 3)"]
