@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 
 from solov2_jax.models import build_model
-from solov2_jax.postprocess import postprocess_fn
+from solov2_jax.postprocess import encode_rle, postprocess_fn
 from solov2_jax.structures import DATA_AXIS as AXIS
 from solov2_jax.structures import local_mesh
 
@@ -125,8 +125,6 @@ def _to_instances(dets, ori_shape, valid, out_w: int) -> list[list[dict]]:
     Same format as `postprocess.detections_to_instances(rle=True)`, unpacking only the
     occupied slots.
     """
-    from pycocotools import mask as mask_util
-
     packed, scores, labels, ok = (np.asarray(x).reshape(-1, *np.shape(x)[2:]) for x in
                                   (dets.masks, dets.scores, dets.labels, dets.valid))
     ori_shape, valid = ori_shape.reshape(-1, 2), valid.reshape(-1)
@@ -136,9 +134,8 @@ def _to_instances(dets, ori_shape, valid, out_w: int) -> list[list[dict]]:
         insts = []
         for k in np.flatnonzero(ok[i]):
             m = np.unpackbits(packed[i, k], axis=-1, count=out_w)[:h, :w]
-            rle = mask_util.encode(np.asfortranarray(m))
-            rle["counts"] = rle["counts"].decode("ascii")
-            insts.append({"mask": rle, "label": int(labels[i, k]), "score": float(scores[i, k])})
+            insts.append({"mask": encode_rle(m), "label": int(labels[i, k]),
+                          "score": float(scores[i, k])})
         out.append(insts)
     return out
 

@@ -184,6 +184,15 @@ def postprocess_fn(test_cfg, model_cfg, out_hw: tuple[int, int]):
     return jax.jit(functools.partial(postprocess, **statics))
 
 
+def encode_rle(mask: np.ndarray) -> dict:
+    """[h, w] binary mask -> COCO RLE with `counts` as str (JSON-serialisable)."""
+    from pycocotools import mask as mask_util
+
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
 def detections_to_instances(dets: structures.Detections, ori_shape, *, rle: bool = False):
     """Host side: per image, a list of {'mask', 'label', 'score'} for the valid slots.
 
@@ -195,17 +204,13 @@ def detections_to_instances(dets: structures.Detections, ori_shape, *, rle: bool
     labels = np.asarray(dets.labels)
     valid = np.asarray(dets.valid)
     ori_shape = np.asarray(ori_shape)
-    if rle:
-        from pycocotools import mask as mask_util
     out = []
     for i in range(masks.shape[0]):
         h, w = int(ori_shape[i][0]), int(ori_shape[i][1])
         insts = []
         for k in np.flatnonzero(valid[i]):
             m = masks[i, k, :h, :w]
-            if rle:
-                m = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
-                m["counts"] = m["counts"].decode("ascii")
-            insts.append({"mask": m, "label": int(labels[i, k]), "score": float(scores[i, k])})
+            insts.append({"mask": encode_rle(m) if rle else m, "label": int(labels[i, k]),
+                          "score": float(scores[i, k])})
         out.append(insts)
     return out
