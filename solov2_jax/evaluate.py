@@ -257,10 +257,9 @@ def evaluate(config, variables, *, workdir: str, split: str | None = None,
     from solov2_jax.data import coco_builder, pipeline, prepare
 
     split = split or config.data.eval_split
-    coco_dir = config.data.coco_dir or prepare.ensure_demo(os.path.join(workdir, "data"))
-    data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
-    ann_file = annotation_file(coco_dir, split)
-    builder, _ = coco_builder.prepare(coco_dir, data_dir, progress=False)
+    # The annotation file first: a wrong split fails before any dataset is built.
+    ann_file = annotation_file(prepare.coco_dir_from_config(config.data, workdir), split)
+    _, builder, _ = prepare.dataset_from_config(config.data, workdir)
     if split not in builder.info.splits:
         raise EvaluateError(f"split '{split}' was not built in {builder.data_path}")
     gt = _load_gt(os.path.abspath(ann_file), os.path.getmtime(ann_file))

@@ -201,12 +201,11 @@ def _feed(iterator, start: int, save_at, input_state: InputState):
 
 def prepare_data(config, workdir: str):
     """(TFDS builder, split size) of config.data (or the demo data under workdir)."""
-    from solov2_jax.data import coco_builder, prepare
+    from solov2_jax.data import prepare
 
     def build():
-        coco_dir = config.data.coco_dir or prepare.ensure_demo(os.path.join(workdir, "data"))
-        data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
-        return coco_builder.prepare(coco_dir, data_dir, progress=False)
+        _, builder, summary = prepare.dataset_from_config(config.data, workdir)
+        return builder, summary
 
     # Process 0 builds first; the others then find it prepared (on a shared workdir) or
     # build their own copy, instead of racing on the same files.

@@ -38,6 +38,26 @@ def ensure_demo(data_dir: str) -> str:
     return coco_dir
 
 
+def coco_dir_from_config(data_cfg, workdir: str) -> str:
+    """config.data.coco_dir, or the demo data generated under <workdir>/data when empty."""
+    return data_cfg.coco_dir or ensure_demo(os.path.join(workdir, "data"))
+
+
+def dataset_from_config(data_cfg, workdir: str):
+    """(coco_dir, builder, summary) of a config's `data` section.
+
+    The COCO dir per `coco_dir_from_config`; the TFDS build goes to config.data.data_dir,
+    or <workdir>/tfds. Training and evaluation share this rule, so an evaluation finds
+    the data its training used.
+    """
+    from solov2_jax.data import coco_builder
+
+    coco_dir = coco_dir_from_config(data_cfg, workdir)
+    data_dir = data_cfg.data_dir or os.path.join(workdir, "tfds")
+    builder, summary = coco_builder.prepare(coco_dir, data_dir, progress=False)
+    return coco_dir, builder, summary
+
+
 def format_summary(summary: dict, name: str = "") -> str:
     """Human-readable report of `coco_builder.prepare`'s summary."""
     state = "reused (already prepared)" if summary.get("already_prepared") else "prepared"
