@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from solov2_jax import ops
+from solov2_jax.models import canvas
 from solov2_jax.models.layers import ConvModule
 
 Dtype = Any
@@ -32,8 +33,14 @@ class FPN(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, inputs: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
-        """(C2..C5) [B, H/s, W/s, C_s] -> num_outs maps [B, H/s, W/s, out_channels]."""
+    def __call__(self, inputs: Sequence[jax.Array], canvas_hw: jax.Array | None = None
+                 ) -> tuple[jax.Array, ...]:
+        """(C2..C5) [B, H/s, W/s, C_s] -> num_outs maps [B, H/s, W/s, out_channels].
+
+        canvas_hw [B, 2] int32 (input pixels; None: the whole maps): outputs are computed
+        as if each map ended at the canvas and are zero past it.
+        """
+        strides = [4 * 2**i for i in range(len(inputs))]
         num_ins = len(inputs)
         if self.num_outs < num_ins:
             raise ValueError(f"num_outs={self.num_outs} < number of inputs {num_ins}")
@@ -49,7 +56,11 @@ class FPN(nn.Module):
         for i in range(num_ins - 1, 0, -1):
             size = laterals[i - 1].shape[1:3]
             laterals[i - 1] = laterals[i - 1] + ops.interpolate_nearest(laterals[i], size)
-        outs = [conv(3, f"fpn_convs_{i}")(lat) for i, lat in enumerate(laterals)]
+        # The 3x3 output convs zero their inputs past the canvas; their outputs (biased)
+        # are zeroed there too, so every later stage starts from clean maps.
+        valid = [canvas.level(canvas_hw, s) for s in strides]
+        outs = [canvas.apply(conv(3, f"fpn_convs_{i}")(lat, valid[i]), valid[i])
+                for i, lat in enumerate(laterals)]
         # Extra levels: F.max_pool2d(x, kernel_size=1, stride=2) is plain subsampling.
         for _ in range(self.num_outs - num_ins):
             outs.append(outs[-1][:, ::2, ::2, :])

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from solov2_jax.models import canvas
+
 Dtype = Any
 Initializer = Any
 
@@ -35,9 +37,17 @@ class ConvModule(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """[B, H, W, Cin] -> [B, H, W, features]."""
+    def __call__(self, x: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
+        """[B, H, W, Cin] -> [B, H, W, features].
+
+        valid_hw [B, 2]: the canvas at this resolution (`models.canvas`); the input is
+        zeroed outside it (a k > 1 conv must see zero padding there) and GroupNorm
+        statistics cover it alone. The output outside the canvas is left as computed.
+        """
         p = self.kernel_size // 2
+        mask = None if valid_hw is None else canvas.valid_mask(valid_hw, x.shape[1:3])
+        if mask is not None and self.kernel_size > 1:
+            x = jnp.where(mask, x, jnp.zeros((), x.dtype))
         x = nn.Conv(
             self.features,
             (self.kernel_size, self.kernel_size),
@@ -50,8 +60,9 @@ class ConvModule(nn.Module):
         )(x)
         if self.gn_groups is not None:
             # Two-pass variance (as torch) instead of E[x^2] - E[x]^2, which loses digits.
+            gn_mask = None if mask is None else jnp.broadcast_to(mask, x.shape)
             x = nn.GroupNorm(num_groups=self.gn_groups, epsilon=GN_EPS, dtype=self.dtype,
-                             use_fast_variance=False, name="gn")(x)
+                             use_fast_variance=False, name="gn")(x, mask=gn_mask)
         if self.activation:
             x = nn.relu(x)
         return x

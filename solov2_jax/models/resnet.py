@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from solov2_jax.models import canvas
+
 ModuleDef = Any
 Dtype = Any
 
@@ -53,12 +55,15 @@ class BasicBlock(nn.Module):
     norm: ModuleDef
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """[B, H, W, Cin] -> [B, H/stride, W/stride, planes]."""
+    def __call__(self, x: jax.Array, valid_out: jax.Array) -> jax.Array:
+        """[B, H, W, Cin] (zero outside the canvas) -> [B, H/stride, W/stride, planes].
+
+        valid_out [B, 2]: the canvas at the output resolution; the output is zero outside.
+        """
         identity = x
         y = self.conv(self.planes, (3, 3), (self.stride, self.stride), torch_padding(3),
                       name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
+        y = canvas.apply(nn.relu(self.norm(name="bn1")(y)), valid_out)
         y = self.conv(self.planes, (3, 3), (1, 1), torch_padding(3), name="conv2")(y)
         # Zero-init of the last BN scale makes each block start as identity (mmdet
         # zero_init_residual=True); converted checkpoints overwrite it.
@@ -67,7 +72,7 @@ class BasicBlock(nn.Module):
             identity = self.conv(self.planes, (1, 1), (self.stride, self.stride),
                                  ((0, 0), (0, 0)), name="downsample_0")(x)
             identity = self.norm(name="downsample_1")(identity)
-        return nn.relu(y + identity)
+        return canvas.apply(nn.relu(y + identity), valid_out)
 
 
 class Bottleneck(nn.Module):
@@ -80,11 +85,17 @@ class Bottleneck(nn.Module):
     norm: ModuleDef
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """[B, H, W, Cin] -> [B, H/stride, W/stride, 4 * planes]."""
+    def __call__(self, x: jax.Array, valid_out: jax.Array) -> jax.Array:
+        """[B, H, W, Cin] (zero outside the canvas) -> [B, H/stride, W/stride, 4 * planes].
+
+        valid_out [B, 2]: the canvas at the output resolution; the output is zero outside.
+        """
         identity = x
         y = self.conv(self.planes, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv1")(x)
+        # The 3x3 conv must see zeros past the canvas; a stride-2 one reads only inside.
         y = nn.relu(self.norm(name="bn1")(y))
+        if self.stride == 1:
+            y = canvas.apply(y, valid_out)
         # style='pytorch': the stride sits on the 3x3 conv, not on the first 1x1.
         y = self.conv(self.planes, (3, 3), (self.stride, self.stride), torch_padding(3),
                       name="conv2")(y)
@@ -95,7 +106,7 @@ class Bottleneck(nn.Module):
             identity = self.conv(self.planes * 4, (1, 1), (self.stride, self.stride),
                                  ((0, 0), (0, 0)), name="downsample_0")(x)
             identity = self.norm(name="downsample_1")(identity)
-        return nn.relu(y + identity)
+        return canvas.apply(nn.relu(y + identity), valid_out)
 
 
 def block_layout(depth: int) -> list[list[tuple[int, bool]]]:
@@ -126,8 +137,14 @@ class ResNet(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        """[B, H, W, 3] -> (C2, C3, C4, C5), each [B, H/s, W/s, C_s] for s = 4, 8, 16, 32."""
+    def __call__(self, x: jax.Array, canvas_hw: jax.Array | None = None
+                 ) -> tuple[jax.Array, ...]:
+        """[B, H, W, 3] -> (C2, C3, C4, C5), each [B, H/s, W/s, C_s] for s = 4, 8, 16, 32.
+
+        canvas_hw [B, 2] int32 (multiples of 32; None: the whole input): each image is
+        computed as if the input ended there (`models.canvas`); outputs are zero past it.
+        The input itself must already be zero outside the canvas (it is padding).
+        """
         if self.depth not in ARCH_SETTINGS:
             raise ValueError(f"unsupported ResNet depth {self.depth}; "
                              f"choose from {sorted(ARCH_SETTINGS)}")
@@ -143,14 +160,17 @@ class ResNet(nn.Module):
         x = conv(64, (7, 7), (2, 2), torch_padding(7), name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
         # torch MaxPool2d(3, 2, padding=1) pads with -inf, as flax's max_pool does.
+        # Inside the canvas, the stride-2 stem conv and pool read only canvas pixels.
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = canvas.apply(x, canvas.level(canvas_hw, 4))
 
         outs = []
         for stage, blocks in enumerate(block_layout(self.depth)):
             planes = 64 * 2**stage
+            valid = canvas.level(canvas_hw, 4 * 2**stage)
             for b, (stride, has_downsample) in enumerate(blocks):
                 x = block_cls(planes=planes, stride=stride, has_downsample=has_downsample,
-                              conv=conv, norm=norm, name=f"layer{stage + 1}_{b}")(x)
+                              conv=conv, norm=norm, name=f"layer{stage + 1}_{b}")(x, valid)
             outs.append(x)
         return tuple(outs)
 

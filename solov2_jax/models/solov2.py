@@ -41,16 +41,21 @@ class SOLOv2(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> SOLOv2Output:
+    def __call__(self, images: jax.Array, canvas_hw: jax.Array | None = None
+                 ) -> SOLOv2Output:
         """[B, Hp, Wp, 3] normalised, zero-padded RGB (Hp, Wp multiples of 32) -> outputs.
 
+        canvas_hw [B, 2] int32: mmdet's padded input size of each image (its batch's
+        largest image rounded up to 32, <= (Hp, Wp)); every output is what mmdet computes
+        on that canvas, zero past it (`models.canvas`). None: the canvas is the input.
         BatchNorm is always in inference mode, so there is no `train` flag: the same call
         serves training (grads through params) and evaluation.
         """
         backbone = ResNet(depth=self.depth, dtype=self.dtype, precision=self.precision,
-                          name="backbone")(images)
+                          name="backbone")(images, canvas_hw)
         fpn = FPN(out_channels=self.fpn_channels, num_outs=self.fpn_num_outs,
-                  dtype=self.dtype, precision=self.precision, name="neck")(backbone)
+                  dtype=self.dtype, precision=self.precision, name="neck")(backbone,
+                                                                            canvas_hw)
         kernel_preds, cls_preds, mask_feats = SOLOV2Head(
             num_classes=self.num_classes,
             feat_channels=self.feat_channels,
@@ -63,7 +68,7 @@ class SOLOv2(nn.Module):
             dtype=self.dtype,
             precision=self.precision,
             name="mask_head",
-        )(fpn)
+        )(fpn, canvas_hw)
         return SOLOv2Output(
             backbone=tuple(backbone),
             fpn=tuple(fpn),

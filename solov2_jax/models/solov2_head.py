@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from solov2_jax import ops
+from solov2_jax.models import canvas
 from solov2_jax.models.layers import ConvModule
 
 Dtype = Any
@@ -27,12 +28,6 @@ normal_init = nn.initializers.normal(0.01)
 # `bias_prob=0.01` on conv_cls: sigmoid(bias) = 0.01 at initialisation.
 CLS_PRIOR_PROB = 0.01
 CLS_BIAS_INIT = -math.log((1 - CLS_PRIOR_PROB) / CLS_PRIOR_PROB)
-
-
-def with_coordinates(x: jax.Array) -> jax.Array:
-    """[B, H, W, C] -> [B, H, W, C + 2], appending mmdet's (x, y) coordinate channels."""
-    b, h, w, _ = x.shape
-    return jnp.concatenate([x, ops.coordinate_channels(b, h, w, x.dtype)], axis=-1)
 
 
 class LevelConvs(nn.Module):
@@ -46,14 +41,18 @@ class LevelConvs(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """[B, H, W, Cin] -> [B, H * 2^n, W * 2^n, features] (n = num_convs if upsample)."""
+    def __call__(self, x: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
+        """[B, H, W, Cin] -> [B, H * 2^n, W * 2^n, features] (n = num_convs if upsample).
+
+        valid_hw [B, 2]: the canvas at the input resolution (None: all of it).
+        """
         for j in range(self.num_convs):
             x = ConvModule(self.features, 3, gn_groups=self.gn_groups, kernel_init=normal_init,
-                           dtype=self.dtype, precision=self.precision, name=f"conv{j}")(x)
+                           dtype=self.dtype, precision=self.precision,
+                           name=f"conv{j}")(x, valid_hw)
             if self.upsample:
-                h, w = x.shape[1:3]
-                x = ops.interpolate_bilinear(x, (2 * h, 2 * w)).astype(self.dtype)
+                x = canvas.upsample2x(x, valid_hw).astype(self.dtype)
+                valid_hw = None if valid_hw is None else 2 * valid_hw
         return x
 
 
@@ -68,23 +67,30 @@ class MaskFeatModule(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, inputs: Sequence[jax.Array]) -> jax.Array:
-        """(P2..P5, ...) [B, H/s, W/s, F] -> [B, H/4, W/4, out_channels]."""
+    def __call__(self, inputs: Sequence[jax.Array], canvas_hw: jax.Array | None = None
+                 ) -> jax.Array:
+        """(P2..P5, ...) [B, H/s, W/s, F] -> [B, H/4, W/4, out_channels].
+
+        canvas_hw [B, 2] (input pixels; None: the whole maps): the output is zero past it.
+        """
         fused = None
         for i, x in enumerate(inputs[: self.num_levels]):
+            valid = canvas.level(canvas_hw, 4 * 2**i)
             # The deepest level also sees coordinates (CoordConv), which lets masks depend
             # on absolute position.
             if i == self.num_levels - 1 and i > 0:
-                x = with_coordinates(x)
+                x = canvas.with_coordinates(x, valid)
             # Level i: max(i, 1) conv+GN+ReLU; for i > 0 each is followed by a bilinear
             # x2 upsample, so every level lands at stride 4.
             x = LevelConvs(max(i, 1), self.feat_channels, upsample=i > 0,
                            gn_groups=self.gn_groups, dtype=self.dtype,
-                           precision=self.precision, name=f"convs_all_levels_{i}")(x)
+                           precision=self.precision, name=f"convs_all_levels_{i}")(x, valid)
             fused = x if fused is None else fused + x
-        return ConvModule(self.out_channels, 1, gn_groups=self.gn_groups,
-                          kernel_init=normal_init, dtype=self.dtype,
-                          precision=self.precision, name="conv_pred")(fused)
+        valid = canvas.level(canvas_hw, 4)
+        out = ConvModule(self.out_channels, 1, gn_groups=self.gn_groups,
+                         kernel_init=normal_init, dtype=self.dtype,
+                         precision=self.precision, name="conv_pred")(fused, valid)
+        return canvas.apply(out, valid)
 
 
 class SOLOV2Head(nn.Module):
@@ -124,36 +130,47 @@ class SOLOV2Head(nn.Module):
             gn_groups=self.gn_groups, dtype=self.dtype, precision=self.precision)
 
     @staticmethod
-    def resize_feats(feats: Sequence[jax.Array]) -> list[jax.Array]:
+    def resize_feats(feats: Sequence[jax.Array], canvas_hw: jax.Array | None = None
+                     ) -> list[tuple[jax.Array, jax.Array | None]]:
         """mmdet `resize_feats`: P2 bilinear x0.5, last level bilinear to the previous size.
 
-        Sizes are assumed even at P2 (inputs padded to x32), where torch's scale_factor=0.5
-        and our size-based resize use the same source coordinates.
+        Returns (map, its canvas [B, 2] or None) per level. Sizes are even at P2 (canvases
+        are multiples of 32), where torch's scale_factor=0.5 and our size-based resize use
+        the same source coordinates and read only canvas pixels. P6 -> P5 depends on the
+        canvas sizes (e.g. 13 -> 25 rows), hence per-image operators.
         """
         out = []
         for i, x in enumerate(feats):
+            valid = canvas.level(canvas_hw, 4 * 2**i)
             if i == 0:
                 h, w = x.shape[1:3]
                 x = ops.interpolate_bilinear(x, (h // 2, w // 2))
+                valid = canvas.level(canvas_hw, 8)
             elif i == len(feats) - 1:
-                x = ops.interpolate_bilinear(x, feats[i - 1].shape[1:3])
-            out.append(x)
+                prev = canvas.level(canvas_hw, 4 * 2 ** (i - 1))
+                x = canvas.resize(x, valid, feats[i - 1].shape[1:3], prev)
+                valid = prev
+            out.append((x, valid))
         return out
 
-    def __call__(self, feats: Sequence[jax.Array]):
+    def __call__(self, feats: Sequence[jax.Array], canvas_hw: jax.Array | None = None):
         """(P2..P6) [B, H/s, W/s, F] -> (kernel_preds, cls_preds, mask_feats).
 
         kernel_preds: L arrays [B, S_l, S_l, E]; cls_preds: L arrays [B, S_l, S_l, C];
-        mask_feats: [B, H/4, W/4, E].
+        mask_feats: [B, H/4, W/4, E] (zero past the canvas). canvas_hw [B, 2] int32 in
+        input pixels, None for the whole maps (`models.canvas`).
         """
         if len(feats) != len(self.num_grids):
             raise ValueError(f"expected {len(self.num_grids)} levels, got {len(feats)}")
-        mask_feats = self.mask_feature_head(feats)
+        mask_feats = self.mask_feature_head(feats, canvas_hw)
         kernel_preds, cls_preds = [], []
-        for x, grid in zip(self.resize_feats(feats), self.num_grids, strict=True):
+        for (x, valid), grid in zip(self.resize_feats(feats, canvas_hw), self.num_grids,
+                                    strict=True):
             # Coordinates are added at the level's own resolution and resized with the
-            # features, as mmdet does (not generated directly at S x S).
-            x = ops.interpolate_bilinear(with_coordinates(x), (grid, grid)).astype(self.dtype)
+            # features, as mmdet does (not generated directly at S x S); both span the
+            # canvas only.
+            x = canvas.resize(canvas.with_coordinates(x, valid), valid,
+                              (grid, grid)).astype(self.dtype)
             kernel_feat, cate_feat = x, x[..., :-2]
             for conv in self.kernel_convs:
                 kernel_feat = conv(kernel_feat)
