@@ -22,3 +22,10 @@ def mmdet():
 
     mmdet_ref.import_mmdet()
     return mmdet_ref
+
+
+@pytest.fixture(scope="session")
+def mmcv_ops(mmdet):
+    """mmdet plus mmcv's compiled operators (DCNv2); skips (fails in CI) without them."""
+    mmdet.require_mmcv_ops()
+    return mmdet

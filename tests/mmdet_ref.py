@@ -1,8 +1,11 @@
 """Helpers that drive the real mmdetection 3.3.0 for parity tests.
 
-mmcv-lite has no compiled `mmcv._ext`; SOLOv2 without DCN never calls a compiled op on
-CPU, but `import mmdet.models` imports `mmcv.ops`, which loads `_ext` at import time. We
-register a stand-in whose every attribute raises, so an accidental call fails loudly.
+The parity environment installs the full mmcv 2.1.0 (with its compiled CPU operators,
+`mmcv._ext`) from `../shared/wheels/` when that wheel exists, and mmcv-lite otherwise.
+mmcv-lite has no `mmcv._ext`; SOLOv2 without DCN never calls a compiled op on CPU, but
+`import mmdet.models` imports `mmcv.ops`, which loads `_ext` at import time. Only when the
+real `_ext` is missing we register a stand-in whose every attribute raises, so an
+accidental call fails loudly; the DCN tests ask for the real one (`require_mmcv_ops`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,31 @@ def import_mmdet():
     register_all_modules()
     CONFIG_DIR = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", "solov2")
     return mmdet
+
+
+def has_real_mmcv_ops() -> bool:
+    """Whether the compiled `mmcv._ext` (full mmcv, not mmcv-lite) is importable."""
+    if isinstance(sys.modules.get("mmcv._ext"), _MissingExt):
+        return False
+    return importlib.util.find_spec("mmcv._ext") is not None
+
+
+def require_mmcv_ops():
+    """Skips (or, with SOLOV2_REQUIRE_MMDET=1, fails) unless mmcv's compiled ops exist.
+
+    DCNv2 parity needs `mmcv.ops.ModulatedDeformConv2d`'s real CPU kernel; mmcv-lite only
+    has the Python side. Install `../shared/wheels/mmcv-2.1.0-*.whl` (see the Makefile).
+    """
+    import_mmdet()
+    if has_real_mmcv_ops():
+        import mmcv._ext  # noqa: F401  (a broken build fails here, loudly)
+
+        return
+    message = ("mmcv's compiled operators (mmcv._ext) are missing: mmcv-lite is installed "
+               "instead of the full mmcv wheel from ../shared/wheels")
+    if os.environ.get("SOLOV2_REQUIRE_MMDET") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def load_config(name: str):

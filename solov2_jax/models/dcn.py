@@ -1,0 +1,202 @@
+"""Modulated deformable convolution (DCNv2), matching mmcv 2.1.0's `ModulatedDeformConv2dPack`.
+
+`modulated_deform_conv` is the operator (mmcv's `modulated_deform_conv2d`), `DCNv2` the
+Flax module (mmcv registers the pack as `DCNv2`): a plain conv `conv_offset` predicts,
+per output position and kernel tap, an offset (dy, dx) and a modulation mask; the main
+kernel then convolves the input sampled bilinearly at the shifted taps.
+
+Semantics (mmcv's CPU/CUDA `modulated_deformable_im2col`):
+
+- tap (i, j) of output (ho, wo) samples at `h = ho * stride - pad + i * dil + dy`,
+  `w = wo * stride - pad + j * dil + dx`;
+- a sample outside `-1 < h < H`, `-1 < w < W` is 0; inside, bilinear interpolation where
+  each of the four corners contributes only if it lies inside the image (corners outside
+  read 0);
+- the sampled value is multiplied by the mask, then `out = sum(kernel * sampled) + bias`.
+
+Formulation (see DESIGN.md): the input is zero-padded by one pixel and its four bilinear
+neighbours are packed side by side (`[B, H+1, W+1, 4 * C]`), so one gather per (position,
+tap) fetches all four corners as one contiguous row; corners outside the image land on the
+zero border, which is exactly mmcv's "corner contributes only if inside". The corner
+weights (bilinear x mask x in-range) reduce the four corners to im2col columns
+`[B, Ho, Wo, k*k*C]`, and one matmul (batched over conv groups) applies the kernel.
+Everything is static-shape and differentiable by JAX's autodiff; the gradients equal
+mmcv's hand-written backward (its `col2im` / `col2im_coord` are the derivatives of the
+same piecewise-bilinear function).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Any
+
+
+def mmcv_dcn_kernel_init(in_channels: int) -> Initializer:
+    """mmcv `ModulatedDeformConv2d.init_weights`: U(-1/sqrt(n), 1/sqrt(n)), n = Cin * k * k.
+
+    mmcv's n counts all `in_channels`, also for a grouped conv (kernel shape HWIO).
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        kh, kw = shape[:2]
+        stdv = 1.0 / math.sqrt(in_channels * kh * kw)
+        return jax.random.uniform(key, shape, dtype, -stdv, stdv)
+
+    return init
+
+
+def _out_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
+
+
+def deform_columns(x: jax.Array, offset: jax.Array, mask: jax.Array, kernel_size: tuple[int, int],
+                   stride: int = 1, padding: int = 0, dilation: int = 1,
+                   deform_groups: int = 1) -> jax.Array:
+    """mmcv's modulated im2col: [B, H, W, C] -> columns [B, Ho, Wo, kh * kw, C].
+
+    offset: [B, Ho, Wo, deform_groups * kh * kw * 2] in mmcv's channel order (per
+    deformable group, per tap t = i * kw + j: dy, dx); mask: [B, Ho, Wo, deform_groups *
+    kh * kw]. Column `[..., t, c]` is the bilinear sample of channel c at tap t, times the
+    tap's mask (the channels of deformable group g use the offsets and mask of group g).
+    """
+    b, h, w, c = x.shape
+    kh, kw = kernel_size
+    kk = kh * kw
+    dg = deform_groups
+    if c % dg:
+        raise ValueError(f"{c} channels are not divisible by {dg} deformable groups")
+    cg = c // dg
+    ho = _out_size(h, kh, stride, padding, dilation)
+    wo = _out_size(w, kw, stride, padding, dilation)
+    if offset.shape != (b, ho, wo, dg * kk * 2):
+        raise ValueError(f"offset shape {offset.shape}, expected {(b, ho, wo, dg * kk * 2)}")
+    if mask.shape != (b, ho, wo, dg * kk):
+        raise ValueError(f"mask shape {mask.shape}, expected {(b, ho, wo, dg * kk)}")
+
+    # Sampling positions [B, Ho, Wo, dg, kk] in float32 (coordinates never in low precision).
+    off = offset.astype(jnp.float32).reshape(b, ho, wo, dg, kk, 2)
+    tap_i = jnp.repeat(jnp.arange(kh) * dilation, kw)  # [kk]
+    tap_j = jnp.tile(jnp.arange(kw) * dilation, kh)
+    base_h = (jnp.arange(ho) * stride - padding)[:, None, None] + tap_i  # [Ho, 1, kk]
+    base_w = (jnp.arange(wo) * stride - padding)[None, :, None] + tap_j  # [1, Wo, kk]
+    py = base_h[:, :, None, :].astype(jnp.float32) + off[..., 0]
+    px = base_w[:, :, None, :].astype(jnp.float32) + off[..., 1]
+
+    y0 = jnp.floor(py)
+    x0 = jnp.floor(px)
+    ly, lx = py - y0, px - x0
+    hy, hx = 1.0 - ly, 1.0 - lx
+    inside = (py > -1) & (py < h) & (px > -1) & (px < w)
+    # Corner weights in the packed order (y0x0, y0x1, y1x0, y1x1), times the mask; zero for
+    # a sample outside the image (its index is clamped to any valid row below).
+    m = mask.astype(jnp.float32).reshape(b, ho, wo, dg, kk) * inside
+    corner_w = jnp.stack([hy * hx, hy * lx, ly * hx, ly * lx], axis=-1) * m[..., None]
+
+    # Packed neighbours: padded row r, col s (image pixel r-1, s-1) and its right, lower and
+    # lower-right neighbours -> [B, H+1, W+1, dg, 4, cg]. A top-left corner y0 in [-1, H-1]
+    # is packed row y0 + 1; samples with y0 outside that range are outside the image.
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    packed = jnp.stack([xp[:, :-1, :-1], xp[:, :-1, 1:], xp[:, 1:, :-1], xp[:, 1:, 1:]],
+                       axis=-2)  # [B, H+1, W+1, 4, C]
+    packed = packed.reshape(b, h + 1, w + 1, 4, dg, cg).transpose(0, 1, 2, 4, 3, 5)
+    packed = packed.reshape(b * (h + 1) * (w + 1) * dg, 4 * cg)
+    row = jnp.clip(y0, -1, h - 1).astype(jnp.int32) + 1
+    col = jnp.clip(x0, -1, w - 1).astype(jnp.int32) + 1
+    index = (((jnp.arange(b)[:, None, None, None, None] * (h + 1) + row) * (w + 1) + col) * dg
+             + jnp.arange(dg)[:, None])  # [B, Ho, Wo, dg, kk]
+    # Indices are in range by construction (clamped above): no bounds handling in the gather.
+    corners = packed.at[index].get(mode="promise_in_bounds")
+    corners = corners.reshape(b, ho, wo, dg, kk, 4, cg)
+    # Weighted sum of the four corners (elementwise, fused by XLA), then tap-major order.
+    cols = jnp.sum(corner_w.astype(x.dtype)[..., None] * corners, axis=-2)
+    return cols.transpose(0, 1, 2, 4, 3, 5).reshape(b, ho, wo, kk, c)
+
+
+def modulated_deform_conv(x: jax.Array, offset: jax.Array, mask: jax.Array, kernel: jax.Array,
+                          bias: jax.Array | None = None, *, stride: int = 1, padding: int = 0,
+                          dilation: int = 1, groups: int = 1, deform_groups: int = 1,
+                          precision: Any = None) -> jax.Array:
+    """mmcv `modulated_deform_conv2d`, channels-last.
+
+    x: [B, H, W, C]; offset / mask as in `deform_columns`; kernel: HWIO
+    [kh, kw, C / groups, Cout] (torch weight [Cout, C / groups, kh, kw] transposed);
+    bias: [Cout] or None. Returns [B, Ho, Wo, Cout].
+    """
+    kh, kw, cin_g, cout = kernel.shape
+    c = x.shape[-1]
+    if cin_g * groups != c or cout % groups:
+        raise ValueError(f"kernel {kernel.shape} does not fit {c} channels in {groups} groups")
+    cols = deform_columns(x, offset, mask, (kh, kw), stride, padding, dilation, deform_groups)
+    b, ho, wo = cols.shape[:3]
+    # One matmul over (tap, channel) per group: [B*Ho*Wo, kk*C/G] @ [kk*C/G, Cout/G].
+    cols = cols.reshape(b, ho, wo, kh * kw, groups, cin_g)
+    k = kernel.astype(cols.dtype).reshape(kh * kw, cin_g, groups, cout // groups)
+    if groups == 1:
+        out = jnp.einsum("bhwtc,tco->bhwo", cols[..., 0, :], k[:, :, 0], precision=precision)
+    else:
+        out = jnp.einsum("bhwtgc,tcgo->bhwgo", cols, k, precision=precision)
+        out = out.reshape(b, ho, wo, cout)
+    if bias is not None:
+        out = out + bias.astype(out.dtype)
+    return out
+
+
+class DCNv2(nn.Module):
+    """mmcv `ModulatedDeformConv2dPack` (registered as `DCNv2`), NHWC.
+
+    Parameters mirror mmcv's state_dict: `kernel` (<- `weight`), `bias` (<- `bias`, only
+    with `use_bias`) and the offset/mask predictor `conv_offset` (<- `conv_offset.weight`,
+    `conv_offset.bias`), a plain conv with the same kernel size, stride, padding and
+    dilation and `deform_groups * 3 * k * k` outputs, zero-initialised as in mmcv (so a
+    fresh DCNv2 is exactly a plain conv).
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    padding: int | None = None  # None: kernel_size // 2 * dilation
+    dilation: int = 1
+    groups: int = 1
+    deform_groups: int = 1
+    use_bias: bool = True
+    kernel_init: Initializer | None = None  # None: mmcv's uniform init
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, Cin] -> [B, Ho, Wo, features]."""
+        k = self.kernel_size
+        pad = self.kernel_size // 2 * self.dilation if self.padding is None else self.padding
+        c = x.shape[-1]
+        if c % self.groups or self.features % self.groups:
+            raise ValueError(f"channels {c} -> {self.features} not divisible by "
+                             f"groups={self.groups}")
+        kernel_init = self.kernel_init or mmcv_dcn_kernel_init(c)
+        kernel = self.param("kernel", kernel_init, (k, k, c // self.groups, self.features))
+        bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+        kk = k * k
+        out = nn.Conv(self.deform_groups * 3 * kk, (k, k), (self.strides, self.strides),
+                      padding=((pad, pad), (pad, pad)),
+                      kernel_dilation=(self.dilation, self.dilation),
+                      kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+                      dtype=self.dtype, precision=self.precision, name="conv_offset")(x)
+        # mmcv: o1, o2, m = chunk(out, 3, dim=1); offset = cat(o1, o2); mask = sigmoid(m).
+        # The concatenated offset channels are then read as (dy, dx) pairs per tap.
+        n = self.deform_groups * kk
+        offset = out[..., : 2 * n]
+        mask = jax.nn.sigmoid(out[..., 2 * n:].astype(jnp.float32))
+        x = x.astype(self.dtype)
+        return modulated_deform_conv(
+            x, offset, mask, kernel.astype(self.dtype),
+            None if bias is None else bias.astype(self.dtype), stride=self.strides,
+            padding=pad, dilation=self.dilation, groups=self.groups,
+            deform_groups=self.deform_groups, precision=self.precision)
