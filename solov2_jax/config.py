@@ -136,6 +136,9 @@ def solov2_config(
     c.train.init_checkpoint = ""  # full-model init from `solov2_jax.convert mmdet`
     c.train.max_steps = -1  # >0 stops early (smoke runs)
     c.train.dtype = "float32"
+    # 0: a non-finite loss/grad norm stops training (train.TrainingDiverged). N > 0: up to
+    # N such steps are skipped (no update) before stopping.
+    c.train.max_nonfinite_skips = 0
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000
@@ -165,3 +168,61 @@ def ms3x_config(depth: int) -> ml_collections.ConfigDict:
         warmup_ratio=1.0 / 3,
         train_scales=tuple((1333, s) for s in MS_SHORT_SIDES),
     )
+
+
+def check_config(c) -> None:
+    """Raises cli.UserError naming the first out-of-range value (before any expensive work).
+
+    Checks the numbers whose bad values would otherwise surface later as a
+    ZeroDivisionError, an empty input pipeline or a silently useless run.
+    """
+    import math
+
+    from solov2_jax.cli import UserError
+
+    def get(path):
+        node = c
+        for part in path.split("."):
+            node = node[part]
+        return node
+
+    def need(path, ok, what):
+        try:
+            value = get(path)
+        except (KeyError, AttributeError):
+            return
+        try:
+            good = bool(ok(value))
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise UserError(f"config.{path} = {value!r}: must be {what}")
+
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def finite(v):
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    for path in ("data.per_device_batch", "data.eval_per_device_batch", "data.max_instances",
+                 "data.shuffle_buffer", "data.pad_size_divisor", "checkpoint.every_steps",
+                 "checkpoint.max_to_keep", "train.log_every", "optim.epochs",
+                 "optim.reference_batch", "model.num_classes", "loss.max_positives",
+                 "test.max_candidates", "test.max_per_img", "test.nms_pre"):
+        need(path, positive_int, "a positive integer")
+    need("optim.lr", lambda v: finite(v) and v > 0, "a finite number > 0")
+    need("optim.momentum", lambda v: finite(v) and 0 <= v < 1, "in [0, 1)")
+    need("optim.weight_decay", lambda v: finite(v) and v >= 0, "a finite number >= 0")
+    need("optim.grad_clip_norm", lambda v: finite(v) and v > 0, "a finite number > 0")
+    need("optim.warmup_iters", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+    need("optim.warmup_ratio", lambda v: finite(v) and 0 < v <= 1, "in (0, 1]")
+    need("optim.gamma", lambda v: finite(v) and v > 0, "a finite number > 0")
+    need("data.flip_prob", lambda v: finite(v) and 0 <= v <= 1, "in [0, 1]")
+    need("data.min_size", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+    need("train.max_nonfinite_skips", lambda v: isinstance(v, int) and v >= 0,
+         "an integer >= 0")
+    need("data.train_scales", lambda v: len(v) > 0 and all(
+        len(s) == 2 and all(positive_int(int(x)) and x == int(x) for x in s) for s in v),
+        "a non-empty list of (long, short) positive integer pairs")
+    need("data.test_scale", lambda v: len(v) == 2 and all(positive_int(int(x)) for x in v),
+         "a (long, short) pair of positive integers")
