@@ -11,12 +11,18 @@ DEMO_DIR ?= workdir/demo
 
 venv: $(VENV)/.installed
 
+# mmcv 2.1.0 with its compiled CPU operators (needed by the DCNv2 parity tests), built for
+# CPython 3.11 / torch 2.13.0; used instead of mmcv-lite when it sits beside the checkout.
+MMCV_WHEEL ?= ../shared/wheels/mmcv-2.1.0-cp311-cp311-linux_x86_64.whl
+
 # torch is pinned to the CPU wheel: a plain `torch` requirement would pull a CUDA build.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[test,parity]"
+	if [ -f "$(MMCV_WHEEL)" ] && $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; \
+	then $(PY) -m pip uninstall -y -q mmcv-lite; $(PIP) -e ".[test,parity-ops]" "$(MMCV_WHEEL)"; \
+	else $(PIP) -e ".[test,parity]"; fi
 	touch $@
 
 test: venv
