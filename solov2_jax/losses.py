@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from solov2_jax.models import canvas
 from solov2_jax.targets import SOLOv2Targets
 
 # mmdet's weight_reduce_loss adds float32 eps to avg_factor.
@@ -53,14 +54,18 @@ def sigmoid_focal_loss(
 
 
 def dice_loss(
-    mask_logits: jax.Array, mask_targets: jax.Array, *, eps: float = 1e-3
+    mask_logits: jax.Array, mask_targets: jax.Array, *, eps: float = 1e-3,
+    valid: jax.Array | None = None,
 ) -> jax.Array:
     """mmdet DiceLoss (use_sigmoid, naive_dice=False), unweighted, per mask.
 
     mask_logits [..., h, w], mask_targets [..., h, w] (any dtype, {0,1}) -> [...] float32:
-    1 - 2 * sum(p * t) / ((sum(p^2) + eps) + (sum(t^2) + eps)).
+    1 - 2 * sum(p * t) / ((sum(p^2) + eps) + (sum(t^2) + eps)). `valid` (broadcastable
+    bool) restricts the sums to mmdet's canvas: pixels past it do not exist there.
     """
     p = jax.nn.sigmoid(mask_logits.astype(jnp.float32))
+    if valid is not None:
+        p = jnp.where(valid, p, 0.0)
     t = mask_targets.astype(jnp.float32)
     a = jnp.sum(p * t, axis=(-2, -1))
     b = jnp.sum(p * p, axis=(-2, -1)) + eps
@@ -88,6 +93,7 @@ def solov2_loss(
     mask_feats: jax.Array,
     targets: SOLOv2Targets,
     gt_masks: jax.Array,
+    canvas_hw: jax.Array | None = None,
     *,
     num_classes: int,
     dice_weight: float = 3.0,
@@ -97,12 +103,15 @@ def solov2_loss(
     focal_weight: float = 1.0,
     normalization: str = "per_device",
     axis_name: str | None = None,
+    mask_stride: int = 4,
 ) -> dict[str, jax.Array]:
     """SOLOv2 losses of the images on this device.
 
     kernel_preds: L arrays [B, S_l, S_l, E]; cls_preds: L arrays [B, S_l, S_l, C] logits;
     mask_feats [B, h, w, E]; targets: batched `SOLOv2Targets` (fields [B, ...]);
-    gt_masks [B, N, h, w] uint8 quarter-resolution instance masks.
+    gt_masks [B, N, h, w] uint8 quarter-resolution instance masks; canvas_hw [B, 2] int
+    mmdet's padded input size per image (None: the whole h*4 x w*4), over which the
+    dice sums run.
     Returns float32 scalars: loss (= loss_cls + loss_mask), loss_cls, loss_mask,
     num_pos (unique positive cells on this device), num_overflow (dropped pairs).
     """
@@ -128,7 +137,12 @@ def solov2_loss(
     pair_targets = jnp.take_along_axis(
         gt_masks, targets.pos_instances[:, :, None, None], axis=1
     )  # [B, P, h, w] uint8
-    per_pair = dice_weight * dice_loss(logits, pair_targets, eps=dice_eps)  # [B, P]
+    valid = None
+    if canvas_hw is not None:
+        valid = canvas.valid_mask(canvas.level(canvas_hw, mask_stride),
+                                  mask_feats.shape[1:3])[:, None, :, :, 0]  # [B, 1, h, w]
+    per_pair = dice_weight * dice_loss(logits, pair_targets, eps=dice_eps,
+                                       valid=valid)  # [B, P]
     dice_sum = jnp.sum(jnp.where(targets.pos_valid, per_pair, 0.0))
     loss_mask = jnp.where(
         total > 0,
@@ -165,4 +179,5 @@ def loss_kwargs(config, axis_name: str | None = None) -> dict:
         focal_weight=float(lc.focal_weight),
         normalization=str(lc.normalization),
         axis_name=axis_name if lc.normalization == "global" else None,
+        mask_stride=int(config.model.mask_stride),
     )

@@ -92,6 +92,16 @@ def matrix_nms(
     if kernel not in KERNELS:
         raise NotImplementedError(f"{kernel} kernel is not supported in matrix nms!")
     n = masks.shape[0]
+    for name, x in (("labels", labels), ("scores", scores), ("valid", valid),
+                    ("mask_area", mask_area)):
+        # JAX would clamp out-of-range gathers silently (wrong scores); mmdet raises.
+        if x is not None and tuple(x.shape) != (n,):
+            raise ValueError(f"matrix_nms: {name} has shape {tuple(x.shape)}, expected ({n},) "
+                             f"for {n} masks")
+    if n == 0:  # mmdet returns empty results; here: max_num empty slots
+        m = max(max_num, 0)
+        return (jnp.zeros((m,), jnp.float32), jnp.full((m,), -1, jnp.int32),
+                jnp.full((m,), -1, jnp.int32), jnp.zeros((m,), bool))
     valid = jnp.ones((n,), bool) if valid is None else valid.astype(bool)
     flat = masks.reshape(n, -1).astype(jnp.float32)
     if mask_area is None:

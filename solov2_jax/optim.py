@@ -15,10 +15,12 @@ decay and do not enter the clip norm: `build_optimizer` routes them to `set_to_z
 
 Steps per epoch: mmdet's `DefaultSampler(round_up=True)` + `AspectRatioBatchSampler`
 give ceil(ceil(N / world) / per_gpu) = ceil(N / global_batch) batches for the usual
-sizes; we use `ceil(num_images / global_batch)` with N = the TFDS split size, which
-counts images that the training filter (`filter_empty_gt`, `min_size`) later drops
-(~1% of COCO train2017: 118287 stored vs 117266 kept). The milestones therefore fall
-<= 1% later in iterations than in mmdet; the warm-up is by iteration and unaffected.
+sizes; we use `ceil(num_images / global_batch)` with N = the images that survive the
+training filter (`filter_empty_gt`, `min_size`; COCO train2017: 117266 of 118287), as
+mmdet's dataset length is counted after filtering.
+
+A step whose batch has no positive cell leaves the kernel branch untouched
+(`keep_kernel_branch`), as torch's SGD skips parameters without a gradient.
 """
 
 from __future__ import annotations
@@ -121,6 +123,28 @@ def build_optimizer(optim_cfg, schedule, trainable: Any) -> optax.GradientTransf
     )
     labels = jax.tree.map(lambda t: "trainable" if t else "frozen", trainable)
     return optax.multi_transform({"trainable": sgd, "frozen": optax.set_to_zero()}, labels)
+
+
+# mmdet's `mask_head.kernel_convs.*` and `mask_head.conv_kernel.*`: the only parameters
+# that the loss reaches through the positive cells alone.
+KERNEL_BRANCH = ("kernel_convs_", "conv_kernel")
+
+
+def is_kernel_branch(path) -> bool:
+    """Whether a pytree key path (params or optimiser state) is in the kernel branch."""
+    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+    return "mask_head" in names and any(n.startswith(KERNEL_BRANCH) for n in names)
+
+
+def keep_kernel_branch(skip, new, old):
+    """`new` with its kernel-branch leaves replaced by `old`'s where `skip` is true.
+
+    Applied to params and to the optimiser state (momentum), this is torch SGD's handling
+    of a parameter whose `.grad` is None. Step counters and every other leaf come from
+    `new`; the two trees must have the same structure.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, n, o: jnp.where(skip, o, n) if is_kernel_branch(path) else n, new, old)
 
 
 def partition(params: dict, trainable: dict) -> tuple[dict, dict]:

@@ -15,7 +15,7 @@ compiled program that is traced once per input shape:
 3. mask probs = sigmoid(mask_feats . kernel) (the 1x1 dynamic conv), binary = prob >
    mask_thr, area = sum(binary); candidates with area <= their level's stride are dropped.
 4. score *= maskness = sum(prob * binary) / area; Matrix NMS (`matrix_nms.matrix_nms`).
-5. for the <= max_per_img survivors: bilinear x4 to the padded size, crop to img_shape,
+5. for the <= max_per_img survivors: bilinear x4 to the canvas, crop to img_shape,
    bilinear to ori_shape, > mask_thr. The three resamplings are composed into one
    operator per axis (`ops.bilinear_weights` with traced sizes): out = Wy @ M @ Wx^T on a
    static canvas `out_hw` that must be >= every ori_shape of the batch. Composing changes
@@ -57,10 +57,11 @@ def point_nms(scores: jax.Array) -> jax.Array:
     return jnp.where(local_max == scores, scores, 0.0)
 
 
-def _single(kernels, scores, strides, feats, img_hw, ori_hw, *, out_hw, num_classes,
+def _single(kernels, scores, strides, feats, img_hw, ori_hw, canvas_hw, *, out_hw, num_classes,
             mask_stride, nms_pre, score_thr, mask_thr, filter_thr, kernel, sigma,
             max_per_img, max_candidates):
-    """One image: kernels [P, E], scores [P, C], strides [P], feats [Hf, Wf, E]."""
+    """One image: kernels [P, E], scores [P, C], strides [P], feats [Hf, Wf, E];
+    img_hw, ori_hw, canvas_hw: [2] int32."""
     c = num_classes
     flat = scores.reshape(-1)
     k = min(max_candidates, flat.shape[0])
@@ -76,7 +77,12 @@ def _single(kernels, scores, strides, feats, img_hw, ori_hw, *, out_hw, num_clas
 
     # 1x1 dynamic conv: [Hf, Wf, E] x [K, E] -> [K, Hf, Wf].
     probs = jax.nn.sigmoid(jnp.einsum("hwe,ke->khw", feats, kernels[cell], precision=_HP))
-    binary = probs > mask_thr
+    # mmdet's masks span the canvas (feats past it are padding): areas, maskness and
+    # Matrix NMS IoUs count canvas pixels only.
+    hf, wf = feats.shape[:2]
+    feat_hw = canvas_hw // mask_stride
+    inside = (jnp.arange(hf)[:, None] < feat_hw[0]) & (jnp.arange(wf)[None, :] < feat_hw[1])
+    binary = (probs > mask_thr) & inside
     area = binary.sum(axis=(1, 2)).astype(jnp.float32)
     keep = cand_ok & (area > strides[cell])
     maskness = jnp.where(binary, probs, 0.0).sum(axis=(1, 2)) / jnp.maximum(area, 1.0)
@@ -88,14 +94,13 @@ def _single(kernels, scores, strides, feats, img_hw, ori_hw, *, out_hw, num_clas
     )
     kept = probs[jnp.maximum(inds, 0)]  # [M, Hf, Wf]
 
-    # x4 to the padded size, crop to img_shape, resize to ori_shape; composed per axis.
-    hf, wf = feats.shape[:2]
+    # x4 to the canvas, crop to img_shape, resize to ori_shape; composed per axis.
     hp, wp = hf * mask_stride, wf * mask_stride
     ho, wo = out_hw
-    wy = jnp.matmul(bilinear_weights(ho, hp, img_hw[0], ori_hw[0]), bilinear_weights(hp, hf),
-                    precision=_HP)
-    wx = jnp.matmul(bilinear_weights(wo, wp, img_hw[1], ori_hw[1]), bilinear_weights(wp, wf),
-                    precision=_HP)
+    wy = jnp.matmul(bilinear_weights(ho, hp, img_hw[0], ori_hw[0]),
+                    bilinear_weights(hp, hf, feat_hw[0], canvas_hw[0]), precision=_HP)
+    wx = jnp.matmul(bilinear_weights(wo, wp, img_hw[1], ori_hw[1]),
+                    bilinear_weights(wp, wf, feat_hw[1], canvas_hw[1]), precision=_HP)
     up = jnp.einsum("oh,mhw,pw->mop", wy, kept, wx, precision=_HP)
     masks = (up > mask_thr) & det_ok[:, None, None]
     return masks, nms_scores, nms_labels, det_ok
@@ -108,6 +113,7 @@ def postprocess(
     mask_feats: jax.Array,
     img_shape: jax.Array,
     ori_shape: jax.Array,
+    canvas_hw: jax.Array | None = None,
     *,
     out_hw: tuple[int, int],
     num_classes: int,
@@ -131,6 +137,8 @@ def postprocess(
       mask_feats:   [B, Hp/4, Wp/4, E] unified mask features.
       img_shape:    [B, 2] int (h, w) of the resized image inside the padded input.
       ori_shape:    [B, 2] int (h, w) of the original image; each <= out_hw.
+      canvas_hw:    [B, 2] int (h, w) of mmdet's padded input (`models.canvas`), a
+                    multiple of mask_stride; None: the whole input (Hp, Wp).
       out_hw:       static (Ho, Wo) output canvas.
       the rest:     mmdet's model / test_cfg values (static Python scalars and tuples).
 
@@ -157,15 +165,19 @@ def postprocess(
         _single, out_hw=tuple(out_hw), num_classes=num_classes, mask_stride=mask_stride,
         nms_pre=nms_pre, score_thr=score_thr, mask_thr=mask_thr, filter_thr=filter_thr,
         kernel=kernel, sigma=sigma, max_per_img=max_per_img, max_candidates=max_candidates)
-    masks, det_scores, labels, valid = jax.vmap(single, in_axes=(0, 0, None, 0, 0, 0))(
+    if canvas_hw is None:
+        canvas_hw = jnp.broadcast_to(
+            jnp.asarray(mask_feats.shape[1:3], jnp.int32) * mask_stride, (b, 2))
+    masks, det_scores, labels, valid = jax.vmap(single, in_axes=(0, 0, None, 0, 0, 0, 0))(
         kernels, scores, cell_strides, mask_feats.astype(jnp.float32),
-        jnp.asarray(img_shape, jnp.int32), jnp.asarray(ori_shape, jnp.int32))
+        jnp.asarray(img_shape, jnp.int32), jnp.asarray(ori_shape, jnp.int32),
+        jnp.asarray(canvas_hw, jnp.int32))
     return structures.Detections(masks=masks, scores=det_scores, labels=labels, valid=valid)
 
 
 def postprocess_fn(test_cfg, model_cfg, out_hw: tuple[int, int]):
     """Binds a config's `test` and `model` sections; returns a jitted
-    `f(kernel_preds, cls_preds, mask_feats, img_shape, ori_shape) -> Detections`."""
+    `f(kernel_preds, cls_preds, mask_feats, img_shape, ori_shape, canvas_hw) -> Detections`."""
     statics = dict(
         out_hw=tuple(int(v) for v in out_hw),
         num_classes=int(model_cfg.num_classes),

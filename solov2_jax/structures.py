@@ -11,6 +11,10 @@ are listed in `TRAIN_KEYS` / `EVAL_KEYS` and documented here once:
   img_shape  [B, 2] int32            (h, w) after resize, before padding
   ori_shape  [B, 2] int32            (h, w) of the original image
   image_id   [B] int64               COCO image id
+  canvas     [B, 2] int32            mmdet's padded input size (h, w), a multiple of 32:
+                                     training, the device batch's largest img_shape;
+                                     evaluation, the image's own (mmdet tests at batch 1).
+                                     The model treats `image` past it as absent.
   valid      [B] bool                False for padding images in the last eval batch
   gt_boxes   [B, N, 4] float32       xyxy in resized-image pixels (after flip)
   gt_labels  [B, N] int32            contiguous labels in [0, C)
@@ -28,10 +32,10 @@ import jax
 import numpy as np
 
 TRAIN_KEYS = (
-    "image", "img_shape", "ori_shape", "image_id",
+    "image", "img_shape", "ori_shape", "image_id", "canvas",
     "gt_boxes", "gt_labels", "gt_masks", "gt_centers", "gt_valid",
 )
-EVAL_KEYS = ("image", "img_shape", "ori_shape", "image_id", "valid")
+EVAL_KEYS = ("image", "img_shape", "ori_shape", "image_id", "canvas", "valid")
 
 # The data-parallel axis: pmap's axis_name and the mesh axis that batches and replicated
 # state are placed on. They must agree, or pmap compiles a second program.

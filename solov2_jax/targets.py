@@ -103,7 +103,26 @@ def area_bounds(lower: float, upper: float) -> tuple[float, float]:
     return float(t[0]), float(t[1])
 
 
-def _cell(coord: jax.Array, thresholds: np.ndarray) -> jax.Array:
+@functools.cache
+def cell_threshold_table(num_lengths: int, unit: int, num_grid: int) -> np.ndarray:
+    """[num_lengths, S] float32: row k - 1 is `cell_thresholds((k * unit), S)`.
+
+    The canvas length is traced (one per image), so every canvas length the static input
+    allows (multiples of the mask stride) gets its thresholds, searched all at once.
+    """
+    lengths = np.arange(1, num_lengths + 1, dtype=np.float32)[:, None] * np.float32(unit)
+    ks = np.arange(1, num_grid + 1, dtype=np.float32)[None, :]
+    inv = np.float32(1.0 / num_grid)
+    lengths, ks = (np.broadcast_to(a, (num_lengths, num_grid)).reshape(-1) for a in (lengths, ks))
+
+    def pred(x):
+        with np.errstate(over="ignore"):
+            return np.trunc((x / lengths) / inv) >= ks
+
+    return _first_f32_where(pred, lengths.size).reshape(num_lengths, num_grid)
+
+
+def _cell(coord: jax.Array, thresholds) -> jax.Array:
     """[N] float32 -> [N] int32 cell index (0 for negative coords; capped at S)."""
     return jnp.sum(coord[:, None] >= jnp.asarray(thresholds)[None, :], axis=1, dtype=jnp.int32)
 
@@ -113,6 +132,7 @@ def solov2_targets(
     gt_labels: jax.Array,
     gt_centers: jax.Array,
     gt_valid: jax.Array,
+    canvas_hw: jax.Array | None = None,
     *,
     featmap_hw: tuple[int, int],
     num_classes: int,
@@ -126,11 +146,15 @@ def solov2_targets(
 
     gt_boxes [N, 4] float32 xyxy, gt_labels [N] int, gt_centers [N, 2] float32
     (center_h, center_w), gt_valid [N] bool (N >= 1, padded); featmap_hw = mask-feature
-    (h, w) = padded input size / mask_stride.
+    (h, w) = padded input size / mask_stride; canvas_hw [2] int32: mmdet's padded input
+    (a multiple of mask_stride, <= featmap_hw * mask_stride), whose size mmdet divides
+    into the S x S grid (`models.canvas`); None: featmap_hw * mask_stride.
     """
     boxes = gt_boxes.astype(jnp.float32)
     n = boxes.shape[0]
     up_h, up_w = featmap_hw[0] * mask_stride, featmap_hw[1] * mask_stride
+    if canvas_hw is not None:  # row of the threshold table for this canvas length
+        units = jnp.asarray(canvas_hw, jnp.int32) // mask_stride - 1
     box_w, box_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     area = box_w * box_h
     # Same float32 op order as mmdet: (0.5 * w) * pos_scale.
@@ -144,7 +168,11 @@ def solov2_targets(
     for (lower, upper), s in zip(scale_ranges, num_grids, strict=True):
         a_lo, a_hi = area_bounds(float(lower), float(upper))
         in_level = gt_valid & (area >= a_lo) & (area < a_hi)
-        th, tw = cell_thresholds(up_h, s), cell_thresholds(up_w, s)
+        if canvas_hw is None:
+            th, tw = cell_thresholds(up_h, s), cell_thresholds(up_w, s)
+        else:
+            th = jnp.asarray(cell_threshold_table(featmap_hw[0], mask_stride, s))[units[0]]
+            tw = jnp.asarray(cell_threshold_table(featmap_hw[1], mask_stride, s))[units[1]]
         coord_h, coord_w = _cell(ch, th), _cell(cw, tw)
         top = jnp.maximum(_cell(ch - pos_h, th), coord_h - 1)
         down = jnp.minimum(jnp.minimum(s - 1, _cell(ch + pos_h, th)), coord_h + 1)
@@ -201,11 +229,15 @@ def batch_targets(
     gt_labels: jax.Array,
     gt_centers: jax.Array,
     gt_valid: jax.Array,
+    canvas_hw: jax.Array | None = None,
     **kwargs,
 ) -> SOLOv2Targets:
-    """`solov2_targets` over a batch: inputs [B, N, ...] -> every target field [B, ...]."""
+    """`solov2_targets` over a batch: inputs [B, N, ...] (canvas_hw [B, 2]) -> every
+    target field [B, ...]."""
     fn = functools.partial(solov2_targets, **kwargs)
-    return jax.vmap(fn)(gt_boxes, gt_labels, gt_centers, gt_valid)
+    if canvas_hw is None:
+        return jax.vmap(fn)(gt_boxes, gt_labels, gt_centers, gt_valid)
+    return jax.vmap(fn)(gt_boxes, gt_labels, gt_centers, gt_valid, canvas_hw)
 
 
 def target_kwargs(config, featmap_hw: tuple[int, int]) -> dict:

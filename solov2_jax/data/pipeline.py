@@ -29,7 +29,7 @@ import itertools
 import jax
 import tensorflow as tf
 
-from solov2_jax.data import coco_builder
+from solov2_jax.data import coco_builder, preprocess
 from solov2_jax.data import transforms as T
 from solov2_jax.structures import DATA_AXIS, local_mesh
 
@@ -136,16 +136,23 @@ def train_dataset(builder, data_cfg, *, num_local_devices: int, process_index: i
             del out["num_truncated"]
         return out
 
+    def with_canvas(b):  # mmdet pads each GPU's batch to its largest image, x32
+        b = _to_device_layout(b, num_local_devices, per_device)
+        b["canvas"] = T.batch_canvas(b["img_shape"], int(data_cfg.pad_size_divisor))
+        return b
+
     ds = ds.enumerate().map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True)
-    ds = ds.map(lambda b: _to_device_layout(b, num_local_devices, per_device))
+    ds = ds.map(with_canvas)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
-def _decode_image_only(raw):
-    image = tf.io.decode_image(raw["image"], channels=3, expand_animations=False)
-    return {"image": tf.ensure_shape(image, [None, None, 3]), "image_id": raw["image_id"],
-            "height": tf.cast(raw["height"], tf.int32), "width": tf.cast(raw["width"], tf.int32)}
+def count_train_images(builder, data_cfg, split: str | None = None) -> int:
+    """Images of the split that training uses (after mmdet's filter), as mmdet's dataset
+    length: what steps per epoch, and so the epoch milestones, are counted from."""
+    ds = coco_builder.read_split(builder, split or data_cfg.train_split, decode=False)
+    ds = ds.filter(_keep_for_training(int(data_cfg.min_size), bool(data_cfg.filter_empty_gt)))
+    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
 
 
 def eval_dataset(builder, data_cfg, *, num_local_devices: int, process_index: int = 0,
@@ -158,7 +165,8 @@ def eval_dataset(builder, data_cfg, *, num_local_devices: int, process_index: in
     yields the same number of equally shaped batches.
     """
     scale = tuple(int(v) for v in data_cfg.test_scale)
-    shapes = tf.constant(T.bucket_shapes([scale], data_cfg.pad_size_divisor), tf.int32)
+    divisor = int(data_cfg.pad_size_divisor)
+    shapes = T.bucket_shapes([scale], divisor)
     mean, std = tuple(data_cfg.mean), tuple(data_cfg.std)
     per_device = int(data_cfg.eval_per_device_batch)
     local_batch = per_device * num_local_devices
@@ -169,12 +177,22 @@ def eval_dataset(builder, data_cfg, *, num_local_devices: int, process_index: in
     ds = _grouped_slices(ds, lambda raw, v: tf.cast(raw["width"] < raw["height"], tf.int64),
                          global_batch, local_batch, process_index, pad_last=True)
 
+    def host(data, portrait):  # the Predictor's preprocessing, verbatim
+        ex = preprocess.eval_example(preprocess.decode(data), scale=scale, mean=mean, std=std,
+                                     input_hw=shapes[int(portrait)], divisor=divisor)
+        return ex["image"], ex["img_shape"], ex["ori_shape"], ex["canvas"]
+
     def transform(raw, valid):
-        ex = _decode_image_only(raw)
-        pad = shapes[tf.cast(ex["width"] < ex["height"], tf.int32)]
-        out = T.eval_transform(ex, tf.constant(scale), (pad[0], pad[1]), mean=mean, std=std)
-        out["valid"] = valid
-        return out
+        portrait = raw["width"] < raw["height"]
+        image, img_shape, ori_shape, canvas = tf.numpy_function(
+            host, [raw["image"], portrait], [tf.float32, tf.int32, tf.int32, tf.int32],
+            stateful=False)
+        pad = tf.gather(tf.constant(shapes, tf.int32), tf.cast(portrait, tf.int32))
+        return {"image": tf.reshape(image, tf.concat([pad, [3]], 0)),
+                "img_shape": tf.ensure_shape(img_shape, [2]),
+                "ori_shape": tf.ensure_shape(ori_shape, [2]),
+                "canvas": tf.ensure_shape(canvas, [2]),
+                "image_id": tf.cast(raw["image_id"], tf.int64), "valid": valid}
 
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True)

@@ -2,7 +2,8 @@
 
 Reproduces mmdet 3.3.0's `Resize(keep_ratio=True)` / `RandomChoiceResize`, `RandomFlip`,
 the data preprocessor's normalise + pad, and the per-instance mask reductions of
-`solov2_jax.mask_ops`, as TF ops so they run inside tf.data.
+`solov2_jax.mask_ops`, inside tf.data. Image pixels come from `preprocess` (OpenCV, as
+mmdet); masks are resized with exact TF twins of cv2's nearest rule.
 
 Canonical example (from `coco_builder.read_split`): image uint8 [H, W, 3] RGB, image_id
 int64 [], height/width int32 [], boxes float32 [N, 4] xyxy, labels int32 [N], is_crowd
@@ -19,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import tensorflow as tf
+
+from solov2_jax.data import preprocess
 
 
 def _ceil_to(x: int, d: int) -> int:
@@ -67,23 +70,30 @@ def nearest_indices(in_size, out_size):
 
 
 def resize_image(image, new_h, new_w, flip, mean, std, pad_h, pad_w):
-    """uint8 [H, W, 3] -> float32 [pad_h, pad_w, 3]: resized, flipped, normalised, padded.
+    """uint8 [H, W, 3] RGB -> float32 [pad_h, pad_w, 3]: resized, flipped, normalised, padded.
 
-    Bilinear with half-pixel centres and no antialiasing = cv2 INTER_LINEAR up to
-    OpenCV's fixed-point arithmetic and its rounding of the result to uint8 (together
-    < 1 grey level; tested). Resizing is linear, so normalising (and flipping: half-pixel
-    sampling is mirror-symmetric) the small source first gives the same values with 2
-    instead of ~9 full-size float buffers, which dominated the pipeline's CPU time.
-    Padding (bottom/right) is 0 after normalisation, as mmdet's data preprocessor pads.
+    mmdet's order and arithmetic: cv2 INTER_LINEAR on uint8 (`preprocess.resize`, run
+    through `tf.numpy_function`: OpenCV's fixed-point rounding is part of the pixels), then
+    the flip, then (x - mean) / std in float32. Padding (bottom/right) is 0 after
+    normalisation, as mmdet's data preprocessor pads.
     """
-    x = (tf.cast(image, tf.float32) - tf.constant(mean, tf.float32)) / tf.constant(
-        std, tf.float32)
+    x = tf.numpy_function(lambda im, h, w: preprocess.resize(im, (h, w)),
+                          [image, new_h, new_w], tf.uint8, stateful=False)
+    x = tf.reshape(x, tf.stack([new_h, new_w, 3]))
     x = tf.cond(flip, lambda: tf.reverse(x, [1]), lambda: x)
-    x = tf.image.resize(x, tf.stack([new_h, new_w]), method="bilinear", antialias=False)
+    x = (tf.cast(x, tf.float32) - tf.constant(mean, tf.float32)) / tf.constant(
+        std, tf.float32)
     x = tf.pad(x, [[0, pad_h - new_h], [0, pad_w - new_w], [0, 0]])
     if isinstance(pad_h, int) and isinstance(pad_w, int):
         x = tf.ensure_shape(x, [pad_h, pad_w, 3])
     return x
+
+
+def batch_canvas(img_shape, divisor: int = 32):
+    """mmdet's padded size of a batch: its largest img_shape [..., B, 2] rounded up to
+    `divisor`, broadcast back to [..., B, 2] (every image of the batch shares it)."""
+    top = tf.reduce_max(img_shape, axis=-2, keepdims=True)
+    return tf.broadcast_to((top + divisor - 1) // divisor * divisor, tf.shape(img_shape))
 
 
 def resize_masks_nearest(masks, new_h, new_w):
@@ -233,16 +243,3 @@ def train_transform(ex, scale, flip, pad_shape, *, mean, std, max_instances: int
         out["meta_flip"] = flip
         out["meta_ann_ids"] = ex["ann_ids"]
     return out
-
-
-def eval_transform(ex, scale, pad_shape, *, mean, std):
-    """Canonical example -> eval example (image, img_shape, ori_shape, image_id)."""
-    h, w = ex["height"], ex["width"]
-    new_h, new_w, _ = rescale_size(h, w, scale)
-    return {
-        "image": resize_image(ex["image"], new_h, new_w, tf.constant(False), mean, std,
-                              *pad_shape),
-        "img_shape": tf.stack([new_h, new_w]),
-        "ori_shape": tf.stack([tf.cast(h, tf.int32), tf.cast(w, tf.int32)]),
-        "image_id": tf.cast(ex["image_id"], tf.int64),
-    }
