@@ -28,12 +28,13 @@ import numpy as np
 from flax import traverse_util
 
 from solov2_jax import conversion_table as ct
+from solov2_jax.cli import UserError
 
 # Image size used only to trace the model for its variable shapes (shape-independent).
 _TRACE_HW = (64, 64)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """The checkpoint does not match the model (or cannot be read)."""
 
 
@@ -63,8 +64,14 @@ def load_torch_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:  # torch raises UnpicklingError or RuntimeError variants
-        if allow_pickle:
-            raise ConversionError(f"cannot read {path}: {e}") from e
+        # Only a refusal of the weights-only unpickler is helped by --allow-pickle; a
+        # truncated or foreign file fails the same way either way.
+        refused = "weights_only" in str(e) or "Weights only load failed" in str(e)
+        if allow_pickle or not refused or _truncated_zip(path):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ConversionError(f"cannot read {path}: not a complete PyTorch checkpoint "
+                                  f"(truncated, corrupt or another format; "
+                                  f"{type(e).__name__}: {first})") from e
         raise ConversionError(
             f"torch.load(weights_only=True) refused {path} ({type(e).__name__}: {e}). If "
             "you trust this file, retry with --allow-pickle (allow_pickle=True).") from e
@@ -80,6 +87,15 @@ def load_torch_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np
         # Keep float32 masters whatever the checkpoint's precision (fp16/bf16 saves).
         out[key] = (value.float() if value.is_floating_point() else value).numpy()
     return out
+
+
+def _truncated_zip(path: str) -> bool:
+    """True for a torch zip checkpoint whose end (central directory) is missing."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    return is_zip and not zipfile.is_zipfile(path)
 
 
 def variable_shapes(module, image_hw: tuple[int, int] = _TRACE_HW) -> dict:
@@ -174,26 +190,19 @@ def convert_torchvision_checkpoint(depth: int, checkpoint: str,
 
 
 def save_variables(path: str, variables: Mapping[str, Any], force: bool = False) -> str:
-    """Writes a variables pytree as an orbax checkpoint at `path` (made absolute)."""
-    import orbax.checkpoint as ocp
+    """Writes a variables pytree as an orbax checkpoint at `path` (`checkpoint.save_variables`:
+    atomic; with force it replaces only an existing checkpoint, never other files)."""
+    from solov2_jax import checkpoint
 
-    path = os.path.abspath(path)  # orbax rejects relative paths
-    variables = jax.tree.map(np.asarray, dict(variables))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, variables, force=force)
-    return path
+    return checkpoint.save_variables(path, variables, force=force)
 
 
 def load_variables(path: str) -> dict:
-    """Reads an orbax checkpoint written by `save_variables` (arrays as jax.Array)."""
-    import orbax.checkpoint as ocp
+    """Model variables from any checkpoint this project writes (`checkpoint.load_variables`:
+    converted weights, final_variables, a training step or workdir), as jax.Array."""
+    from solov2_jax import checkpoint
 
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no checkpoint directory at {path}")
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(path)
-    return jax.tree.map(jnp.asarray, dict(restored))
+    return checkpoint.load_variables(path)
 
 
 def load_backbone_init(path: str) -> dict:
@@ -242,28 +251,39 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", required=True, help="input .pth file")
         p.add_argument("--out", required=True, help="output orbax checkpoint directory")
         p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+        p.add_argument("--debug", action="store_true", help="tracebacks for user errors")
         p.add_argument("--allow-pickle", action="store_true",
                        help="torch.load(weights_only=False); only for files you trust")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry; returns the exit status (0 ok, 1 conversion error)."""
+    """CLI entry; returns the exit status (0 ok, 1 user error, printed as one `error:`
+    message; `--debug` or SOLOV2_DEBUG=1 shows the traceback)."""
+    from solov2_jax import cli
+
+    return cli.guarded("solov2-convert", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from solov2_jax import checkpoint
+
     args = _parser().parse_args(argv)
-    try:
-        # Fail before the (slow) conversion rather than after it.
-        if os.path.exists(args.out) and not args.force:
-            raise ConversionError(f"{args.out} exists; pass --force to overwrite")
-        if args.mode == "mmdet":
-            variables = convert_mmdet_checkpoint(args.config, args.checkpoint,
-                                                 args.allow_pickle)
-        else:
-            variables = convert_torchvision_checkpoint(args.depth, args.checkpoint,
-                                                       args.allow_pickle)
-        out = save_variables(args.out, variables, force=args.force)
-    except ConversionError as e:
-        print(f"solov2-convert: error: {e}", file=sys.stderr)
-        return 1
+    # Fail before the (slow) conversion rather than after it; never delete what is
+    # not a checkpoint.
+    if os.path.lexists(args.out) and not args.force:
+        raise ConversionError(f"{args.out} exists; pass --force to overwrite")
+    if os.path.lexists(args.out) and not checkpoint.is_checkpoint(args.out):
+        raise ConversionError(f"refusing to overwrite {args.out} with --force: it is "
+                              "not a checkpoint (no orbax files in it); nothing was "
+                              "deleted")
+    if args.mode == "mmdet":
+        variables = convert_mmdet_checkpoint(args.config, args.checkpoint,
+                                             args.allow_pickle)
+    else:
+        variables = convert_torchvision_checkpoint(args.depth, args.checkpoint,
+                                                   args.allow_pickle)
+    out = save_variables(args.out, variables, force=args.force)
     n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
     print(f"wrote {out} ({n:,} parameters)")
     return 0

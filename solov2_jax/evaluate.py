@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from solov2_jax.cli import UserError
 from solov2_jax.models import build_model
 from solov2_jax.postprocess import encode_rle, postprocess_fn
 from solov2_jax.structures import DATA_AXIS as AXIS
@@ -48,7 +49,7 @@ MAX_DETS = (100, 300, 1000)  # mmdet CocoMetric.proposal_nums
 IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
 
 
-class EvaluateError(RuntimeError):
+class EvaluateError(UserError, RuntimeError):
     """A user-facing problem (missing files, weights not matching the config)."""
 
 
@@ -264,6 +265,7 @@ def evaluate(config, variables, *, workdir: str, split: str | None = None,
         raise EvaluateError(f"split '{split}' was not built in {builder.data_path}")
     gt = _load_gt(os.path.abspath(ann_file), os.path.getmtime(ann_file))
     cats = sorted(coco_builder.category_info(builder), key=lambda c: c["label"])
+    prepare.check_num_classes(cats, int(config.model.num_classes), f"dataset {builder.data_path}")
     label_to_cat = [c["id"] for c in cats]
 
     t0 = time.perf_counter()
@@ -361,13 +363,15 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help", "-help") for a in argv[1:]):
         print(__doc__ + "\nflags:\n" + fv.get_help())
         return 0
-    try:
-        fv(argv)
+    from solov2_jax import cli
+
+    def parse_and_execute(args):
+        cli.parse_flags(fv, args)
         _execute(fv)
-    except (flags.Error, EvaluateError, FileNotFoundError) as e:
-        print(f"solov2-evaluate: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    # User errors: one `solov2-evaluate: error: ...` line (--debug shows the traceback).
+    return cli.guarded("solov2-evaluate", parse_and_execute, argv)
 
 
 def run() -> None:

@@ -25,7 +25,6 @@ prefetched batches): tens of MB for the demo, up to ~1 GB per host for COCO.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import sys
@@ -40,7 +39,8 @@ import optax
 from absl import logging
 from flax import traverse_util
 
-from solov2_jax import models, optim
+from solov2_jax import cli, models, optim
+from solov2_jax.cli import UserError
 from solov2_jax.losses import loss_kwargs, solov2_loss
 from solov2_jax.structures import DATA_AXIS as AXIS
 from solov2_jax.structures import local_mesh
@@ -132,6 +132,8 @@ def make_p_train_step(config, model, tx, schedule, trainable):
         target_kw={k: v for k, v in target_kwargs(config, (0, 0)).items()
                    if k != "featmap_hw"},
         loss_kw=loss_kwargs(config, AXIS))
+    if int(config.train.get("max_nonfinite_skips", 0)) > 0:  # off by default
+        step = skip_nonfinite_updates(step)
 
     def traced(state, batch):
         traces.append(tuple(batch["image"].shape))  # runs once per compilation
@@ -156,31 +158,36 @@ def unreplicate(tree):
 
 
 class InputState:
-    """tf.data iterator checkpoints of this process, one per saved training step."""
+    """Staged tf.data iterator checkpoints of this process, one per step to be saved.
+
+    The state of step `s` is written when exactly `s` batches have been pulled (the
+    device prefetch runs ahead of training), staged under
+    <workdir>/input_state/process_<i>/step_<s>, and moved into the `input_state` item of
+    checkpoint `s` when that step is saved (`checkpoint.TrainCheckpoints.save`).
+    """
 
     def __init__(self, workdir: str, process_index: int):
         self.root = os.path.join(workdir, "input_state", f"process_{process_index}")
 
-    def _prefix(self, step: int) -> str:
-        return os.path.join(self.root, f"step_{step}", "it")
+    def staged(self, step: int) -> str:
+        return os.path.join(self.root, f"step_{step}")
 
     def save(self, iterator, step: int) -> None:
         import tensorflow as tf
 
-        shutil.rmtree(os.path.dirname(self._prefix(step)), ignore_errors=True)
-        tf.train.Checkpoint(iterator=iterator).write(self._prefix(step))
+        shutil.rmtree(self.staged(step), ignore_errors=True)
+        tf.train.Checkpoint(iterator=iterator).write(os.path.join(self.staged(step), "it"))
 
-    def restore(self, iterator, step: int) -> bool:
-        """Positions a fresh iterator after the batches of `step`; False if not saved."""
+    @staticmethod
+    def restore(iterator, directory: str) -> None:
+        """Positions a fresh iterator as saved in `directory` (a checkpoint's item)."""
         import tensorflow as tf
 
-        found = os.path.isdir(os.path.dirname(self._prefix(step)))
-        if found:
-            tf.train.Checkpoint(iterator=iterator).read(self._prefix(step)).assert_consumed()
-        return found
+        tf.train.Checkpoint(iterator=iterator).read(
+            os.path.join(directory, "it")).assert_consumed()
 
     def prune(self, keep) -> None:
-        """Removes the states of steps not in `keep`."""
+        """Removes the staged states of steps not in `keep`."""
         keep = {f"step_{s}" for s in keep}
         for name in os.listdir(self.root) if os.path.isdir(self.root) else []:
             if name not in keep:
@@ -219,31 +226,26 @@ def prepare_data(config, workdir: str):
         builder, summary = build()
     if jax.process_index() == 0:
         logging.info("%s", prepare.format_summary(summary, builder.builder_config.name))
+    prepare.check_for_training(builder, summary, config.data, int(config.model.num_classes))
     return builder, builder.info.splits[config.data.train_split].num_examples
 
 
-def _checkpoint_manager(workdir: str, config=None):
-    import orbax.checkpoint as ocp
-
-    opts = ocp.CheckpointManagerOptions(
-        max_to_keep=int(config.checkpoint.max_to_keep) if config else None, create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 options=opts)
-
-
 def restore_variables(workdir: str) -> dict:
-    """{'params', 'batch_stats'} of the latest checkpoint in <workdir>/checkpoints."""
-    import orbax.checkpoint as ocp
+    """{'params', 'batch_stats'} of the newest readable checkpoint in <workdir>/checkpoints
+    (via `checkpoint.load_variables`, restoring only the `variables` item); creates
+    nothing, so a mistyped --workdir is reported instead of becoming a new directory."""
+    from solov2_jax import checkpoint
 
-    with _checkpoint_manager(workdir) as mngr:
-        step = mngr.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {os.path.abspath(workdir)}/checkpoints")
-        restored = mngr.restore(step, args=ocp.args.StandardRestore())
-    return {k: jax.tree.map(jnp.asarray, restored[k]) for k in ("params", "batch_stats")}
+    workdir = os.path.abspath(workdir)
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise checkpoint.CheckpointError(f"no training checkpoints in {workdir} (no "
+                                         "checkpoints/ directory)")
+    return checkpoint.load_variables(workdir)
 
 
 def _log_metrics(workdir: str, step: int, window: list, seconds: float, images: int) -> None:
+    from solov2_jax import checkpoint
+
     host = [{k: v[0] for k, v in m.items()} for m in window]
     avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
     avg["lr"] = float(host[-1]["lr"])
@@ -253,8 +255,33 @@ def _log_metrics(workdir: str, step: int, window: list, seconds: float, images: 
     if overflow > 0:
         logging.warning("step %d: %d positive pairs dropped (raise loss.max_positives)",
                         step, overflow)
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, **avg}) + "\n")
+    # Strict JSON: a non-finite value is written as null, never as a bare NaN token.
+    checkpoint.append_metrics(os.path.join(workdir, "metrics.jsonl"), {"step": step, **avg})
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient norm (training stopped, nothing non-finite saved)."""
+
+
+def _nonfinite(host_metrics: dict) -> list[str]:
+    """Metric names whose value (on device 0) is NaN or inf."""
+    return [k for k, v in host_metrics.items()
+            if np.issubdtype(np.asarray(v).dtype, np.inexact) and not np.isfinite(v[0])]
+
+
+def skip_nonfinite_updates(step_fn):
+    """Wraps a (state, batch) -> (state, metrics) step (inside pmap): when the loss or the
+    gradient norm is not finite, the parameters and optimiser state stay as they were
+    (the step counter still advances) and metrics['skipped'] is 1."""
+    def step(state, batch):
+        new, metrics = step_fn(state, batch)
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        keep = lambda n, o: jnp.where(ok, n, o)  # noqa: E731
+        new = new.replace(params=jax.tree.map(keep, new.params, state.params),
+                          opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
+        return new, dict(metrics, skipped=1.0 - ok.astype(jnp.float32))
+
+    return step
 
 
 def build_training(config, num_images: int, global_batch: int):
@@ -272,75 +299,156 @@ def build_training(config, num_images: int, global_batch: int):
 
 
 def train_and_evaluate(config, workdir: str, *, run_eval: bool = False) -> dict:
-    """Trains (resuming from <workdir>/checkpoints) and returns the final variables."""
-    import orbax.checkpoint as ocp
+    """Trains (resuming from <workdir>/checkpoints) and returns the final variables.
 
-    from solov2_jax import convert
+    Divergence guard: the metrics of every step are checked for NaN/inf at each logging
+    step and before each checkpoint save; a non-finite loss or gradient norm raises
+    `TrainingDiverged` naming the first such step and the last finite checkpoint, before
+    anything of that step is saved (with train.max_nonfinite_skips = N > 0, up to N such
+    steps are skipped on device instead). Checkpoints, final_variables and metrics.jsonl
+    therefore never hold NaN.
+    """
+    from solov2_jax import checkpoint
+    from solov2_jax import config as config_lib
     from solov2_jax.data import pipeline
 
+    config_lib.check_config(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     lead = jax.process_index() == 0
     mesh = local_mesh()
     global_batch = int(config.data.per_device_batch) * jax.device_count()
-    builder, num_images = prepare_data(config, workdir)
+    builder, _ = prepare_data(config, workdir)
+    num_images = pipeline.count_train_images(builder, config.data)
     model, tx, schedule, trainable, spe, total = build_training(config, num_images,
                                                                 global_batch)
     state = create_train_state(config, jax.random.PRNGKey(int(config.train.seed)),
                                model=model, tx=tx)
     state = dict(vars(jax.tree.map(np.asarray, state)))  # orbax (de)serialises plain dicts
 
-    mngr = _checkpoint_manager(workdir, config)
+    ckpts = checkpoint.TrainCheckpoints(workdir, int(config.checkpoint.max_to_keep))
     every = int(config.checkpoint.every_steps)
     input_state = InputState(workdir, jax.process_index())
-    ds = pipeline.train_dataset(builder, config.data, num_local_devices=jax.local_device_count(),
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count(), seed=int(config.data.seed))
-    iterator = iter(ds)
-    start = mngr.latest_step() or 0
-    if start:
-        state = mngr.restore(start, args=ocp.args.StandardRestore(state))
-        if not input_state.restore(iterator, start):
-            logging.warning("no input state for step %d: replaying %d batches", start, start)
-            iterator = iter(ds.skip(start))
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+    def dataset():
+        # A fresh dataset object each time: a second iterator of the same object would
+        # reshuffle differently (its shuffle seed generator has advanced).
+        return pipeline.train_dataset(
+            builder, config.data, num_local_devices=jax.local_device_count(),
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            seed=int(config.data.seed))
+
+    restored = ckpts.restore_latest(state)
+    iterator, start = iter(dataset()), 0
+    if restored is not None:
+        start, state = restored.step, restored.state
+        try:
+            if restored.input_dir is None:
+                raise FileNotFoundError("not saved with the checkpoint")
+            input_state.restore(iterator, restored.input_dir)
+        except Exception as e:  # noqa: BLE001 - any damage: replay instead
+            logging.warning("input state of step %d unusable (%s): replaying the first %d "
+                            "batches from the start of the input stream (exact: the same "
+                            "batches an uninterrupted run sees, at the cost of decoding "
+                            "them again)", start, checkpoint._one_line(e), start)
+            iterator = iter(dataset())
+            for _ in range(start):
+                next(iterator)
         logging.info("resumed from step %d", start)
     if lead:
+        dropped = checkpoint.truncate_metrics(metrics_path, start)
+        if dropped:
+            logging.info("metrics.jsonl: dropped %d rows after step %d (re-trained now)",
+                         dropped, start)
         logging.info("%d train images, global batch %d, %d steps/epoch, training steps "
                      "%d -> %d", num_images, global_batch, spe, start, total)
     save_at = {s for s in range(start + 1, total + 1) if s % every == 0 or s == total}
     batches = pipeline.prefetch_to_device(_feed(iterator, start, save_at, input_state), 2)
     p_step, traces = make_p_train_step(config, model, tx, schedule, trainable)
     rstate = replicate(TrainState(**state), mesh)
+    max_skips = int(config.train.get("max_nonfinite_skips", 0))
+    skipped = []  # steps skipped for non-finite values (only with max_skips > 0)
 
-    window, t0, step = [], time.perf_counter(), start
-    while step < total:
-        rstate, metrics = p_step(rstate, next(batches))
-        step += 1
-        window.append(metrics)
-        if step % int(config.train.log_every) == 0 or step == total:
-            window = jax.device_get(window)  # waits for the steps, so images/s is honest
-            if lead:
-                _log_metrics(workdir, step, window, time.perf_counter() - t0,
-                             len(window) * global_batch)
-            window, t0 = [], time.perf_counter()
-        if step in save_at:
-            host = unreplicate(rstate)
-            mngr.save(step, args=ocp.args.StandardSave(dict(vars(host))), force=True)
-            mngr.wait_until_finished()
-            input_state.prune(set(mngr.all_steps()) | {s for s in save_at if s > step})
-    if lead and traces:
-        logging.info("train_step compiled %d times: %s", len(traces), traces)
-    final = unreplicate(rstate)
-    mngr.close()
+    def check(entries, log_step):
+        """Raises TrainingDiverged for the first non-finite step of entries [(step, m)]."""
+        for s, m in entries:
+            bad = _nonfinite(m)
+            if bad and max_skips > 0 and float(m["skipped"][0]) > 0:
+                skipped.append(s)
+                logging.warning("step %d: non-finite %s; update skipped (%d of at most %d)",
+                                s, "/".join(bad), len(skipped), max_skips)
+                if len(skipped) <= max_skips:
+                    continue
+            elif not bad:
+                continue
+            saved = ckpts.steps()
+            last = (f"the last finite checkpoint is step {saved[-1]} "
+                    f"({ckpts.step_dir(saved[-1])})" if saved else "no checkpoint was saved")
+            values = ", ".join(f"{k}={float(m[k][0])}" for k in ("loss", "grad_norm"))
+            if skipped:
+                values += f"; {len(skipped)} non-finite steps skipped before"
+            raise TrainingDiverged(
+                f"training diverged: non-finite {'/'.join(bad)} at step {s} ({values}; "
+                f"checked at step {log_step}). "
+                f"Stopped without saving anything from step {s} on; {last}. Lower "
+                "optim.lr, or set train.max_nonfinite_skips to skip a few such steps.")
+
+    window, unchecked, t0, step = [], [], time.perf_counter(), start
+    try:
+        while step < total:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise UserError(f"the input pipeline of split '{config.data.train_split}' "
+                                "yields no batch: no image is left after filtering "
+                                "(filter_empty_gt, min_size)") from None
+            rstate, metrics = p_step(rstate, batch)
+            step += 1
+            window.append(metrics)
+            unchecked.append((step, metrics))
+            log_now = step % int(config.train.log_every) == 0 or step == total
+            if log_now or step in save_at:
+                # Waits for the steps (so images/s is honest) and checks every one of them
+                # before anything below is saved.
+                host = jax.device_get([m for _, m in unchecked])
+                try:
+                    check(zip([s for s, _ in unchecked], host, strict=True), step)
+                except TrainingDiverged:
+                    if lead:
+                        _log_metrics(workdir, step, jax.device_get(window),
+                                     time.perf_counter() - t0, len(window) * global_batch)
+                    raise
+                unchecked = []
+            if log_now:
+                window = jax.device_get(window)
+                if lead:
+                    _log_metrics(workdir, step, window, time.perf_counter() - t0,
+                                 len(window) * global_batch)
+                window, t0 = [], time.perf_counter()
+            if step in save_at:
+                staged = input_state.staged(step)
+                ckpts.save(step, dict(vars(unreplicate(rstate))),
+                           staged if os.path.isdir(staged) else None)
+                input_state.prune({s for s in save_at if s > step})
+        if lead and traces:
+            logging.info("train_step compiled %d times: %s", len(traces), traces)
+        final = unreplicate(rstate)
+    finally:
+        ckpts.close()
+        input_state.prune(set())  # staged states of steps that will not be saved now
     variables = {"params": final.params, "batch_stats": final.batch_stats}
-    convert.save_variables(os.path.join(workdir, "final_variables"), variables, force=True)
+    bad = checkpoint.first_nonfinite(variables)
+    if bad:  # unreachable while the guard above holds; never overwrite a good model
+        raise TrainingDiverged(f"final variables hold non-finite values ({bad}); "
+                               "final_variables was not written")
+    checkpoint.save_variables(os.path.join(workdir, "final_variables"), variables, force=True)
     if run_eval:
         from solov2_jax import evaluate  # lazy: written separately, not needed to train
 
         metrics = evaluate.evaluate(config, variables, workdir=workdir)
         if lead:
-            with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, "eval": metrics}) + "\n")
+            checkpoint.append_metrics(metrics_path, {"step": step, "eval": metrics})
     return variables
 
 
@@ -365,25 +473,26 @@ def _drop_orbax_info(record) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """CLI on its own flag registry (callable in-process); returns the exit status."""
+    """CLI on its own flag registry (callable in-process); returns the exit status.
+    User errors print one `solov2-train: error: ...` line (see `cli`)."""
+    return cli.guarded("solov2-train", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     from absl import flags
 
     fv = flags.FlagValues()
     _define_flags(fv, argv)
-    try:
-        fv(argv)
-        if fv.config is None or not fv.workdir:
-            raise flags.Error("--config and --workdir are required")
-    except flags.Error as e:
-        print(f"solov2-train: error: {e}", file=sys.stderr)
-        return 1
+    config = cli.parse_flags(fv, argv)
+    if config is None or not fv.workdir:
+        raise flags.Error("--config and --workdir are required")
     if fv.distributed:
         jax.distributed.initialize()
     logging.get_absl_logger().addFilter(_drop_orbax_info)  # same object: added once
     logging.info("JAX devices: %d local / %d global, process %d of %d",
                  jax.local_device_count(), jax.device_count(), jax.process_index(),
                  jax.process_count())
-    train_and_evaluate(fv.config, fv.workdir, run_eval=fv.eval)
+    train_and_evaluate(config, fv.workdir, run_eval=fv.eval)
     return 0
 
 

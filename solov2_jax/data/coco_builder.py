@@ -15,6 +15,9 @@ Storage choices (why):
   pipeline. Rasterising once at prepare time also fixes the mask semantics (pycocotools
   `frPyObjects`/`merge`/`decode`, exactly what mmdet's `LoadAnnotations` does).
 
+Every JSON is validated (`validate_coco_dir`) before TensorFlow is imported or anything
+is written. AnnotationError is a ValueError and a `cli.UserError` (one `error:` line).
+
 Broken input: errors for things that indicate a wrong/inconsistent annotation file
 (fix the file), skips (counted in the summary, with examples) for per-item damage that
 mmdet itself drops or that cannot be trained on:
@@ -25,6 +28,11 @@ mmdet itself drops or that cannot be trained on:
   duplicate image or annotation id               | ValueError naming the id
   segmentation not polygon/RLE, RLE size != image| ValueError naming the annotation id
   category lists that disagree between splits    | ValueError naming the file
+  JSON that does not parse / empty images list   | AnnotationError naming the file
+  bbox not 4 finite numbers, non-finite area     | AnnotationError naming the annotation id
+  polygon coordinate not a finite number, or     | AnnotationError naming the annotation id
+  more than one image size outside the image     | (checked before pycocotools sees it)
+  RLE counts malformed or not covering h*w       | AnnotationError naming the annotation id
   image file missing                             | skip image: `missing_image_file`
   image file unreadable/truncated/unsupported    | skip image: `unreadable_image`
   image file size != JSON width/height           | skip image: `image_size_mismatch`
@@ -99,11 +107,46 @@ def read_categories(coco_dir: str | os.PathLike) -> list[tuple[int, str]]:
                    key=lambda p: p.stat().st_size)
     if not files:
         raise FileNotFoundError(f"no annotations/instances_*.json found in {coco_dir}")
-    with open(files[0]) as f:
-        cats = json.load(f).get("categories") or []
+    from solov2_jax.data.coco_instance_seg.annotations import load_json
+
+    cats = load_json(files[0]).get("categories") or []
     if not cats:
         raise ValueError(f"{files[0]} has no categories")
     return sorted((int(c["id"]), str(c["name"])) for c in cats)
+
+
+def annotation_fingerprints(coco_dir: str | os.PathLike, previous: dict | None = None
+                            ) -> dict[str, dict]:
+    """{file name: {'size', 'mtime_ns', 'sha256'}} of every annotations/instances_*.json.
+
+    The hash is reused from `previous` when size and mtime are unchanged (COCO's train
+    JSON is 450 MB), so checking a prepared dataset costs a stat per file.
+    """
+    import hashlib
+
+    out = {}
+    for f in sorted((Path(coco_dir) / "annotations").glob("instances_*.json")):
+        st = f.stat()
+        old = (previous or {}).get(f.name) or {}
+        if old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
+            digest = old.get("sha256")
+        else:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            digest = h.hexdigest()
+        out[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    return out
+
+
+def stale_annotations(stored: dict | None, coco_dir: str | os.PathLike) -> list[str]:
+    """Names of annotation files whose content differs from what the build was made of."""
+    if not stored or not coco_dir or not (Path(coco_dir) / "annotations").is_dir():
+        return []
+    now = annotation_fingerprints(coco_dir, stored)
+    return sorted(n for n in set(now) | set(stored)
+                  if (now.get(n) or {}).get("sha256") != (stored.get(n) or {}).get("sha256"))
 
 
 def config_name(coco_dir: str | os.PathLike | None, name: str | None = None) -> str:
@@ -194,6 +237,8 @@ def _make_builder_cls():
             except Exception:  # noqa: BLE001 - no manual dir configured: use the config
                 pass
             self.summary = {"splits": {}, "skipped_splits": {}}
+            # What this build was made of: a later edit of a JSON is detected on reuse.
+            self.info.metadata["annotation_fingerprints"] = annotation_fingerprints(root)
             gens = {}
             for name, stem in discover_splits(root).items():
                 if not (Path(root) / stem).is_dir():
@@ -258,10 +303,23 @@ def get_builder(coco_dir: str | None, data_dir: str, name: str | None = None, *,
         absl_logger.setLevel(level)
 
 
+def validate_coco_dir(coco_dir: str | os.PathLike) -> None:
+    """Parses and checks every annotations/instances_*.json (see the error table above)
+    without TensorFlow: bad data fails in seconds, naming the file and annotation id."""
+    from solov2_jax.data.coco_instance_seg import annotations as _coco_ann
+
+    cats = read_categories(coco_dir)
+    for stem in discover_splits(coco_dir).values():
+        _coco_ann._load_split(Path(coco_dir) / "annotations" / f"instances_{stem}.json", cats)
+
+
 def prepare(coco_dir: str, data_dir: str, name: str | None = None, *, progress=True):
     """Builds the dataset if needed; returns (builder, summary of what was skipped)."""
     import tensorflow_datasets as tfds
 
+    if coco_dir and not (Path(data_dir) / _BUILDER_NAME / config_name(coco_dir, name) /
+                         _VERSION / "dataset_info.json").exists():
+        validate_coco_dir(coco_dir)  # all JSONs, before TFDS starts writing anything
     builder = get_builder(coco_dir, data_dir, name, progress=progress)
     already = (builder.data_path / "dataset_info.json").exists()
     if not already:
@@ -273,6 +331,16 @@ def prepare(coco_dir: str, data_dir: str, name: str | None = None, *, progress=T
         finally:
             tfds.enable_progress_bar()
     summary = dict(builder.info.metadata.get("summary") or {})
+    if already:
+        stale = stale_annotations(builder.info.metadata.get("annotation_fingerprints"),
+                                  coco_dir)
+        if stale:
+            summary["stale_annotations"] = stale
+            warnings.warn(
+                f"the TFDS build at {builder.data_path} is stale: {', '.join(stale)} changed "
+                f"in {os.path.abspath(coco_dir)} since it was prepared; it is reused as it "
+                f"is. Delete {builder.data_path} to rebuild from the current files.",
+                stacklevel=2)
     summary["already_prepared"] = bool(already)
     summary["data_path"] = os.fspath(builder.data_path)
     return builder, summary

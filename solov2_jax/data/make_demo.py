@@ -24,6 +24,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from solov2_jax.checkpoint import atomic_write
+
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
     {"id": 3, "name": "rectangle", "supercategory": "shape"},
@@ -171,8 +173,7 @@ def make_demo(out_dir: str, *, seed: int = 0, num_train: int = 48, num_val: int 
             name = f"{image_id:012d}.jpg"
             ok, buf = cv2.imencode(".jpg", image, _JPEG_PARAMS)
             assert ok, "JPEG encoding failed"
-            with open(os.path.join(out_dir, split, name), "wb") as f:
-                f.write(buf.tobytes())
+            atomic_write(os.path.join(out_dir, split, name), buf.tobytes())
             images.append({"id": image_id, "file_name": name,
                            "height": image.shape[0], "width": image.shape[1]})
             for a in img_anns:
@@ -182,8 +183,10 @@ def make_demo(out_dir: str, *, seed: int = 0, num_train: int = 48, num_val: int 
                          "seed": seed},
                 "licenses": [], "images": images, "annotations": anns,
                 "categories": CATEGORIES}
-        with open(os.path.join(out_dir, "annotations", f"instances_{split}.json"), "w") as f:
-            json.dump(data, f)
+        # Atomic, and after the split's images: a kill never leaves a truncated JSON, and
+        # a JSON that exists describes images that do (val2017 is written last).
+        atomic_write(os.path.join(out_dir, "annotations", f"instances_{split}.json"),
+                     json.dumps(data))
         with_anns = {a["image_id"] for a in anns}
         summary["splits"][split] = {
             "images": len(images), "annotations": len(anns),

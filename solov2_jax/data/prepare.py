@@ -33,9 +33,63 @@ def ensure_demo(data_dir: str) -> str:
     from solov2_jax.data.make_demo import make_demo
 
     coco_dir = os.path.join(data_dir, DEMO_NAME)
-    if not os.path.exists(os.path.join(coco_dir, "annotations", "instances_val2017.json")):
+    # make_demo writes every file atomically and this JSON last, so a complete, parseable
+    # val JSON means complete demo data; anything else (an older interrupted run) is
+    # regenerated instead of failing every later run.
+    if not _complete_demo(coco_dir):
         make_demo(coco_dir)
     return coco_dir
+
+
+def _complete_demo(coco_dir: str) -> bool:
+    import json
+
+    for stem in ("train2017", "val2017"):
+        path = os.path.join(coco_dir, "annotations", f"instances_{stem}.json")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return False
+        images = data.get("images") if isinstance(data, dict) else None
+        if not images or not all(os.path.isfile(os.path.join(coco_dir, stem, im["file_name"]))
+                                 for im in images):
+            return False
+    return True
+
+
+def check_num_classes(categories: list, num_classes: int, where: str) -> None:
+    """The dataset's categories must be exactly the model's classes: a label >= num_classes
+    would silently be background, and labels the data lacks could not be evaluated."""
+    from solov2_jax.cli import UserError
+
+    if len(categories) != int(num_classes):
+        names = ", ".join(str(c["name"]) for c in categories[:10])
+        raise UserError(f"{where} has {len(categories)} categories ({names}"
+                        f"{', ...' if len(categories) > 10 else ''}) but "
+                        f"model.num_classes is {num_classes}; set "
+                        f"--config.model.num_classes={len(categories)} or use matching data")
+
+
+def check_for_training(builder, summary: dict, data_cfg, num_classes: int) -> None:
+    """Before any training work: categories vs num_classes, and a train split that
+    exists and holds annotated instances."""
+    from solov2_jax.cli import UserError
+    from solov2_jax.data import coco_builder
+
+    where = f"dataset {builder.data_path}"
+    check_num_classes(coco_builder.category_info(builder), num_classes, where)
+    split = data_cfg.train_split
+    if split not in builder.info.splits:
+        raise UserError(f"{where} has no split '{split}' (splits: "
+                        f"{sorted(builder.info.splits)}; not built: "
+                        f"{summary.get('skipped_splits') or {}})")
+    stats = (summary.get("splits") or {}).get(split) or {}
+    images = builder.info.splits[split].num_examples
+    if images == 0 or stats.get("instances", 1) == 0:
+        raise UserError(f"train split '{split}' of {where} has {images} images and "
+                        f"{stats.get('instances', 0)} annotated instances: nothing to train "
+                        f"on (see the skip summary of `solov2-prepare`)")
 
 
 def coco_dir_from_config(data_cfg, workdir: str) -> str:
@@ -67,6 +121,8 @@ def format_summary(summary: dict, name: str = "") -> str:
     for split, s in sorted((summary.get("splits") or {}).items()):
         lines.append(f"  split {split}: kept {s['images']} images, {s['instances']} "
                      f"instances ({s['crowd']} crowd)")
+        if not s["images"] or not s["instances"]:
+            lines.append("    WARNING: no images or no instances: unusable for training")
         skipped = s.get("skipped") or {}
         if not skipped:
             lines.append("    nothing skipped")
@@ -74,10 +130,24 @@ def format_summary(summary: dict, name: str = "") -> str:
             examples = ", ".join(str(e) for e in entry["examples"])
             lines.append(f"    {reason}: {entry['count']}  ({REASONS.get(reason, '')}); "
                          f"e.g. {examples}")
+    for name in summary.get("stale_annotations") or ():
+        lines.append(f"  WARNING: {name} changed since this build was prepared: the old "
+                     "build is reused; delete it to rebuild")
     return "\n".join(lines)
 
 
 def main(argv=None):
+    """CLI; returns (builder, summary). User errors print one `error:` line and exit 1
+    (`--debug` or SOLOV2_DEBUG=1 shows the traceback)."""
+    from solov2_jax import cli
+
+    result = cli.guarded("solov2-prepare", _main, argv)
+    if result == 1:
+        raise SystemExit(1)
+    return result
+
+
+def _main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--coco-dir", default="",
                    help="COCO-format dir (annotations/instances_<split>.json + <split>/); "
@@ -86,6 +156,7 @@ def main(argv=None):
     p.add_argument("--name", default=None,
                    help="dataset (builder config) name; default: the coco dir's basename")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
     args = p.parse_args(argv)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from solov2_jax.cli import UserError
 
 # Low deflate level: binary masks already shrink ~50x at level 1; higher levels cost
 # prepare time for a few percent of size.
@@ -90,6 +94,96 @@ def ann_to_rle(ann: dict, height: int, width: int, stats: SplitStats):
                      f"({type(segm).__name__})")
 
 
+class AnnotationError(UserError, ValueError):
+    """An annotation file that must be fixed; the message names the file and the id."""
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def rle_string_counts(counts: str | bytes) -> list[int] | None:
+    """Run lengths of a COCO compressed RLE string (pycocotools' rleFrString in Python),
+    or None if the string is malformed. Lets us check the total before pycocotools,
+    which writes past its buffer for runs that exceed height * width."""
+    data = counts.encode() if isinstance(counts, str) else bytes(counts)
+    out, p = [], 0
+    while p < len(data):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(data):
+                return None
+            c = data[p] - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+    return out
+
+
+def validate_annotation(ann: dict, img: dict, where: str) -> None:
+    """Checks one annotation before anything expensive sees it (pycocotools rasterises a
+    polygon in memory proportional to its coordinates: one NaN or 1e12 exhausts RAM).
+
+    Raises AnnotationError naming `where` (the file) and the annotation id for: a bbox
+    that is not 4 finite numbers; a non-finite area; polygon coordinates that are not
+    finite numbers or lie more than one image size outside the image; an RLE whose runs
+    are malformed or do not cover height * width exactly.
+    """
+    aid = ann.get("id")
+    bad = lambda what: AnnotationError(f"{where}: annotation {aid}: {what}")  # noqa: E731
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, list | tuple) or len(bbox) != 4 or not all(
+            _is_number(v) and math.isfinite(v) for v in bbox):
+        raise bad(f"bbox {bbox!r} must be 4 finite numbers [x, y, w, h]")
+    area = ann.get("area")
+    if area is not None and not (_is_number(area) and math.isfinite(area)):
+        raise bad(f"area {area!r} must be a finite number")
+    height, width = int(img["height"]), int(img["width"])
+    segm = ann.get("segmentation")
+    if isinstance(segm, list):
+        for part in segm:
+            if not isinstance(part, list | tuple):
+                raise bad("polygon segmentation must be a list of coordinate lists")
+            for i, v in enumerate(part):
+                if not _is_number(v):
+                    raise bad(f"polygon coordinate {v!r} is not a number")
+                if not math.isfinite(v):
+                    raise bad(f"polygon coordinate {v!r} is not finite")
+                lim = width if i % 2 == 0 else height
+                if not -lim <= v <= 2 * lim:
+                    raise bad(f"polygon {'xy'[i % 2]} coordinate {v!r} is more than one image "
+                              f"size outside the {width}x{height} image")
+    elif isinstance(segm, dict) and "counts" in segm and "size" in segm:
+        size = segm["size"]
+        if not (isinstance(size, list | tuple) and len(size) == 2
+                and all(_is_number(v) for v in size)):
+            raise bad(f"RLE size {size!r} must be [height, width]")
+        if [int(v) for v in size] != [height, width]:
+            return  # ann_to_rle reports the size mismatch
+        counts = segm["counts"]
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                       for c in counts):
+                raise bad("uncompressed RLE counts must be non-negative integers")
+        elif isinstance(counts, str | bytes):
+            counts = rle_string_counts(counts)
+            if counts is None or any(c < 0 for c in counts):
+                raise bad("compressed RLE counts string is malformed")
+        else:
+            raise bad(f"RLE counts must be a list or a string, not {type(counts).__name__}")
+        if sum(counts) != height * width:
+            raise bad(f"RLE runs cover {sum(counts)} pixels, not height*width = "
+                      f"{height * width}")
+
+
 def _encode_png(mask: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(mask, dtype=np.uint8), _PNG_PARAMS)
     if not ok:
@@ -97,10 +191,27 @@ def _encode_png(mask: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def load_json(path) -> dict:
+    """A COCO JSON file as a dict; AnnotationError naming the file if it is not one."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        size = os.path.getsize(path)
+        raise AnnotationError(f"{path}: not valid JSON ({e}; file size {size} bytes"
+                              f"{', empty: an interrupted write?' if size == 0 else ''})"
+                              ) from None
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{path}: not valid JSON (not UTF-8 text: {e})") from None
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{path}: expected a JSON object with 'images', "
+                              f"'annotations' and 'categories', got {type(data).__name__}")
+    return data
+
+
 def _load_split(path: Path, categories) -> tuple[dict, dict, dict]:
     """Parses and cross-checks one instances JSON; returns (images, anns_by_image, labels)."""
-    with open(path) as f:
-        data = json.load(f)
+    data = load_json(path)
     known = dict(categories)
     for c in data.get("categories") or []:
         if known.get(int(c["id"])) != str(c["name"]):
@@ -108,6 +219,8 @@ def _load_split(path: Path, categories) -> tuple[dict, dict, dict]:
                              f"dataset's category list {sorted(known.items())}; all "
                              "instances_*.json files must share one list")
     labels = {cid: k for k, (cid, _) in enumerate(categories)}
+    if not data.get("images"):
+        raise AnnotationError(f"{path}: the 'images' list is empty: nothing to prepare")
     images: dict[int, dict] = {}
     for img in data.get("images") or []:
         iid = int(img["id"])
@@ -127,8 +240,7 @@ def _load_split(path: Path, categories) -> tuple[dict, dict, dict]:
         if ann.get("category_id") not in labels:
             raise ValueError(f"{path}: annotation {aid} refers to unknown category id "
                              f"{ann.get('category_id')}")
-        if len(ann.get("bbox") or ()) != 4:
-            raise ValueError(f"{path}: annotation {aid} has no valid bbox")
+        validate_annotation(ann, images[ann["image_id"]], str(path))
         anns[ann["image_id"]].append(ann)
     return images, anns, labels
 
