@@ -4,15 +4,19 @@
     python -m solov2_jax.evaluate --config configs/tiny.py --workdir DIR [--max-images N]
 
 `--weights` is an orbax directory from `python -m solov2_jax.convert mmdet`; `--workdir`
-alone evaluates the latest checkpoint of a training run (`train.restore_variables`). Any
-config value can be overridden (`--config.test.score_thr=0.05`).
+alone evaluates the latest readable checkpoint of a training run (both through
+`checkpoint.load_variables`). Any config value can be overridden
+(`--config.test.score_thr=0.05`). `--bbox` adds COCO box AP of the masks' tight boxes
+(`bbox_mAP`, ...); `--classwise` adds mmdet's per-class AP table (printed, and written to
+eval_<split>.json under 'classwise').
 
-Flow: tf.data eval batches [D, B, ...] -> one pmap program (model + `postprocess`,
-axis "batch") -> host: per valid image, COCO RLE per detection -> pycocotools
-COCOeval(iouType='segm') against the split's original annotation JSON, with mmdet's
-settings (catIds in label order, maxDets (100, 300, 1000), so AP uses 1000 detections;
-results carry no bbox, so instance areas come from the masks). mmdet rounds each metric to
-3 decimals; we return full precision.
+Flow: tf.data eval batches [D, B, ...] -> `predict.Predictor` (the one inference path:
+pmapped model + `postprocess` + tight boxes, axis "batch") -> host: per valid image, COCO
+RLE per detection -> pycocotools COCOeval(iouType='segm') against the split's original
+annotation JSON, with mmdet's settings (catIds in label order, maxDets (100, 300, 1000),
+so AP uses 1000 detections; segm results carry no bbox, so instance areas come from the
+masks, as mmdet's CocoMetric pops 'bbox' before segm evaluation). mmdet rounds each
+metric to 3 decimals; we return full precision.
 
 Compiles: the output canvas `out_hw` is static. It is fixed per orientation (landscape
 w >= h / portrait, the same grouping as the input buckets) as the largest original size
@@ -34,15 +38,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from solov2_jax.cli import UserError
-from solov2_jax.models import build_model
-from solov2_jax.postprocess import encode_rle, postprocess_fn
-from solov2_jax.structures import DATA_AXIS as AXIS
-from solov2_jax.structures import local_mesh
+from solov2_jax.predict import Predictor, canvas_sizes, predict_batches
 
 METRIC_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")  # COCOeval.stats[:6]
 MAX_DETS = (100, 300, 1000)  # mmdet CocoMetric.proposal_nums
@@ -53,153 +53,71 @@ class EvaluateError(UserError, RuntimeError):
     """A user-facing problem (missing files, weights not matching the config)."""
 
 
-class Predictor:
-    """pmapped model + post-processing for one (model, test) config.
+def coco_results(instances, image_ids, label_to_cat, iou_type: str = "segm") -> list[dict]:
+    """Per-image instances ({'mask': RLE, 'bbox': xyxy, 'label', 'score'}) -> COCO results.
 
-    `__call__(variables, batch, out_hw)`: variables replicated (see `replicate`), batch
-    arrays [D, B, ...] -> `Detections` with masks bit-packed along width,
-    [D, B, K, Ho, ceil(Wo / 8)] uint8 (8x less device->host traffic), and scores/labels/
-    valid [D, B, K]. `num_traces` counts compilations (one per distinct input shape/out_hw).
-    """
-
-    def __init__(self, model_cfg, test_cfg):
-        self.model_cfg, self.test_cfg = model_cfg, test_cfg
-        self.model = build_model(model_cfg)
-        self.num_traces = 0
-        self._pmap = jax.pmap(self._forward, axis_name=AXIS, in_axes=(None, 0, 0, 0),
-                              static_broadcasted_argnums=(4,))
-
-    def _forward(self, variables, image, img_shape, ori_shape, out_hw):
-        self.num_traces += 1  # runs only while tracing
-        out = self.model.apply(variables, image)
-        dets = postprocess_fn(self.test_cfg, self.model_cfg, out_hw)(
-            out.kernel_preds, out.cls_preds, out.mask_feats, img_shape, ori_shape)
-        return dets.replace(masks=jnp.packbits(dets.masks, axis=-1))
-
-    def __call__(self, variables, batch, out_hw):
-        mesh = local_mesh()
-        shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-        args = [jax.device_put(batch[k], shard) for k in ("image", "img_shape", "ori_shape")]
-        return self._pmap(variables, *args, tuple(int(v) for v in out_hw))
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_predictor(model_json: str, test_json: str) -> Predictor:
-    import ml_collections
-
-    return Predictor(ml_collections.ConfigDict(json.loads(model_json)),
-                     ml_collections.ConfigDict(json.loads(test_json)))
-
-
-def predictor(config) -> Predictor:
-    """The process-wide `Predictor` of `config.model` + `config.test` (compiled once)."""
-    return _cached_predictor(config.model.to_json(sort_keys=True),
-                             config.test.to_json(sort_keys=True))
-
-
-def replicate(variables):
-    """Puts a variables pytree on every local device with a replicated NamedSharding.
-
-    The mesh axis is the pmap axis; with plain (single-device) arrays pmap would compile
-    a second program for the same shapes.
-    """
-    mesh = local_mesh()
-    return jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-
-def canvas_sizes(images) -> dict[bool, tuple[int, int]]:
-    """{portrait: (Ho, Wo)}: max original size per orientation, rounded up to 32.
-
-    images: COCO image dicts with 'height' and 'width' (portrait means width < height).
-    """
-    out = {}
-    for portrait in (False, True):
-        hw = [(im["height"], im["width"]) for im in images
-              if (im["width"] < im["height"]) == portrait] or [(1, 1)]
-        out[portrait] = tuple(int(-(-max(s) // 32) * 32) for s in zip(*hw, strict=True))
-    return out
-
-
-def _to_instances(dets, ori_shape, valid, out_w: int) -> list[list[dict]]:
-    """Host: packed `Detections` [D, B, ...] -> per valid image, list of instances.
-
-    Same format as `postprocess.detections_to_instances(rle=True)`, unpacking only the
-    occupied slots.
-    """
-    packed, scores, labels, ok = (np.asarray(x).reshape(-1, *np.shape(x)[2:]) for x in
-                                  (dets.masks, dets.scores, dets.labels, dets.valid))
-    ori_shape, valid = ori_shape.reshape(-1, 2), valid.reshape(-1)
-    out = []
-    for i in np.flatnonzero(valid):
-        h, w = (int(v) for v in ori_shape[i])
-        insts = []
-        for k in np.flatnonzero(ok[i]):
-            m = np.unpackbits(packed[i, k], axis=-1, count=out_w)[:h, :w]
-            insts.append({"mask": encode_rle(m), "label": int(labels[i, k]),
-                          "score": float(scores[i, k])})
-        out.append(insts)
-    return out
-
-
-def predict_batches(pred: Predictor, variables, batches, canvases, max_images=None):
-    """Yields (image_ids [n] int64, instances per image) for the valid images of each batch.
-
-    batches: numpy dicts of `structures.EVAL_KEYS`, [D, B, ...], one orientation each.
-    The next batch is dispatched before the previous one is converted on the host, so
-    device compute overlaps with RLE encoding.
-    """
-    variables = replicate(variables)
-    remaining = np.inf if max_images is None else int(max_images)
-    pending = None
-    for batch in batches:
-        if remaining <= 0:
-            break
-        valid = np.asarray(batch["valid"], bool).copy()
-        flat = valid.reshape(-1)
-        flat[np.cumsum(flat) > remaining] = False  # truncate to max_images
-        remaining -= int(flat.sum())
-        ori = np.asarray(batch["ori_shape"]).reshape(-1, 2)
-        portrait = bool(ori[0, 1] < ori[0, 0])  # a batch holds one orientation
-        hw = canvases[portrait]
-        if (ori > np.asarray(hw)).any():  # annotation JSON sizes disagree: grow, once
-            need = -(-ori.max(0) // 32) * 32
-            hw = canvases[portrait] = (max(hw[0], int(need[0])), max(hw[1], int(need[1])))
-        dets = pred(variables, batch, hw)
-        if pending is not None:
-            yield _convert(*pending)
-        pending = (dets, batch, valid, hw[1])
-    if pending is not None:
-        yield _convert(*pending)
-
-
-def _convert(dets, batch, valid, out_w):
-    ids = np.asarray(batch["image_id"]).reshape(-1)[valid.reshape(-1)]
-    return ids, _to_instances(dets, np.asarray(batch["ori_shape"]), valid, out_w)
-
-
-def coco_results(instances, image_ids, label_to_cat) -> list[dict]:
-    """Per-image instances ({'mask': RLE, 'label', 'score'}) -> COCO result dicts.
-
-    label_to_cat[label] = original COCO category id. No 'bbox' key, as in mmdet's segm
-    evaluation (pycocotools then takes areas from the masks).
+    label_to_cat[label] = original COCO category id. 'segm' results carry no 'bbox' key,
+    as in mmdet's segm evaluation (pycocotools then takes areas from the masks); 'bbox'
+    results carry the tight box as xywh (mmdet's `xyxy2xywh`) and no mask.
     """
     out = []
     for image_id, insts in zip(image_ids, instances, strict=True):
         for inst in insts:
-            counts = inst["mask"]["counts"]
-            # JSON-safe: pycocotools gives bytes counts and numpy uint32 sizes.
-            rle = {"size": [int(v) for v in inst["mask"]["size"]],
-                   "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
-            out.append({"image_id": int(image_id),
-                        "category_id": int(label_to_cat[int(inst["label"])]),
-                        "segmentation": rle, "score": float(inst["score"])})
+            res = {"image_id": int(image_id),
+                   "category_id": int(label_to_cat[int(inst["label"])]),
+                   "score": float(inst["score"])}
+            if iou_type == "bbox":
+                x1, y1, x2, y2 = (float(v) for v in inst["bbox"])
+                res["bbox"] = [x1, y1, x2 - x1, y2 - y1]
+            else:
+                counts = inst["mask"]["counts"]
+                # JSON-safe: pycocotools gives bytes counts and numpy uint32 sizes.
+                res["segmentation"] = {
+                    "size": [int(v) for v in inst["mask"]["size"]],
+                    "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+            out.append(res)
     return out
 
 
-def coco_metrics(gt, results, image_ids, cat_ids) -> dict[str, float]:
-    """COCOeval('segm') with mmdet CocoMetric's settings; {'segm_mAP', ...} unrounded.
+def _classwise(ev, gt, cat_ids) -> list[dict]:
+    """mmdet CocoMetric(classwise=True)'s per-category AP (from detectron2), unrounded:
+    precision over IoU 0.5:0.95 / 0.5 / 0.75 and area all/s/m/l at the last maxDets;
+    NaN (null in JSON) for a category without ground truth."""
+    precisions = ev.eval["precision"]  # [iou, recall, cls, area, max dets]
+    rows = []
+    for idx, cat_id in enumerate(cat_ids):
+        def ap(p):
+            p = p[p > -1]
+            return float(np.mean(p)) if p.size else float("nan")
 
-    gt: pycocotools COCO; image_ids / cat_ids: what is evaluated (cat_ids in label order).
+        rows.append({"category": gt.loadCats(cat_id)[0]["name"],
+                     "mAP": ap(precisions[:, :, idx, 0, -1]),
+                     "mAP_50": ap(precisions[0, :, idx, 0, -1]),
+                     "mAP_75": ap(precisions[5, :, idx, 0, -1]),
+                     "mAP_s": ap(precisions[:, :, idx, 1, -1]),
+                     "mAP_m": ap(precisions[:, :, idx, 2, -1]),
+                     "mAP_l": ap(precisions[:, :, idx, 3, -1])})
+    return rows
+
+
+def classwise_table(rows: list[dict], title: str = "") -> str:
+    """mmdet's classwise table as text (values rounded to 3 decimals like mmdet)."""
+    head = ("category", "mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
+    body = [[str(r["category"])] + [f"{round(r[k], 3)}" for k in head[1:]] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+    fmt = " | ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*head), "-+-".join("-" * w for w in widths)]
+    lines += [fmt.format(*r) for r in body]
+    return (title + "\n" if title else "") + "\n".join(lines)
+
+
+def coco_metrics(gt, results, image_ids, cat_ids, iou_type: str = "segm",
+                 classwise: bool = False) -> dict:
+    """COCOeval(iou_type) with mmdet CocoMetric's settings; {'<iou_type>_mAP', ...}
+    unrounded, plus '<iou_type>_classwise' (per-category rows) with classwise=True.
+
+    gt: pycocotools COCO; image_ids / cat_ids: what is evaluated (cat_ids in label order);
+    iou_type 'segm' (results with 'segmentation') or 'bbox' (results with xywh 'bbox').
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -213,7 +131,7 @@ def coco_metrics(gt, results, image_ids, cat_ids) -> dict[str, float]:
             dt.dataset = {"images": list(gt.dataset["images"]), "annotations": [],
                           "categories": list(gt.dataset["categories"])}
             dt.createIndex()
-        ev = COCOeval(gt, dt, "segm")
+        ev = COCOeval(gt, dt, iou_type)
         ev.params.catIds = list(cat_ids)
         ev.params.imgIds = sorted(int(i) for i in image_ids)
         ev.params.maxDets = list(MAX_DETS)
@@ -221,8 +139,11 @@ def coco_metrics(gt, results, image_ids, cat_ids) -> dict[str, float]:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    logging.info("COCOeval segm:\n%s", log.getvalue())
-    return {f"segm_{n}": float(v) for n, v in zip(METRIC_NAMES, ev.stats[:6], strict=True)}
+    logging.info("COCOeval %s:\n%s", iou_type, log.getvalue())
+    out = {f"{iou_type}_{n}": float(v) for n, v in zip(METRIC_NAMES, ev.stats[:6], strict=True)}
+    if classwise:
+        out[f"{iou_type}_classwise"] = _classwise(ev, gt, cat_ids)
+    return out
 
 
 @functools.lru_cache(maxsize=2)
@@ -248,12 +169,16 @@ def annotation_file(coco_dir: str, split: str) -> str:
 
 
 def evaluate(config, variables, *, workdir: str, split: str | None = None,
-             max_images: int | None = None) -> dict:
+             max_images: int | None = None, bbox: bool = False,
+             classwise: bool = False) -> dict:
     """Mask AP of `variables` ({'params', 'batch_stats'}, unreplicated) on a split.
 
     Returns {'segm_mAP', 'segm_mAP_50', 'segm_mAP_75', 'segm_mAP_s', 'segm_mAP_m',
-    'segm_mAP_l', 'num_images', 'num_detections'}; writes <workdir>/eval_<split>.json
-    (metrics + timing) and <workdir>/results_<split>.segm.json (COCO results).
+    'segm_mAP_l', 'num_images', 'num_detections'}; with bbox=True also 'bbox_mAP', ...
+    (COCO box AP of the masks' tight boxes); with classwise=True also
+    '<segm|bbox>_classwise' (mmdet's per-category rows, printed as a table). Writes
+    <workdir>/eval_<split>.json (metrics + timing) and <workdir>/results_<split>.segm.json
+    (+ .bbox.json) (COCO results).
     """
     from solov2_jax.data import coco_builder, pipeline, prepare
 
@@ -271,9 +196,9 @@ def evaluate(config, variables, *, workdir: str, split: str | None = None,
     t0 = time.perf_counter()
     ds = pipeline.eval_dataset(builder, config.data, num_local_devices=jax.local_device_count(),
                                process_index=0, process_count=1, split=split)
-    pred = predictor(config)
+    pred = Predictor(config, variables)
     image_ids, instances = [], []
-    for ids, insts in predict_batches(pred, variables, pipeline.as_numpy_batches(ds),
+    for ids, insts in predict_batches(pred, pipeline.as_numpy_batches(ds),
                                       canvas_sizes(gt.dataset["images"]), max_images):
         image_ids.extend(int(i) for i in ids)
         instances.extend(insts)
@@ -281,29 +206,31 @@ def evaluate(config, variables, *, workdir: str, split: str | None = None,
     if len(set(image_ids)) != len(image_ids):
         raise RuntimeError("an image was evaluated twice (eval pipeline bug)")
     results = coco_results(instances, image_ids, label_to_cat)
-    metrics = coco_metrics(gt, results, image_ids, label_to_cat)
+    metrics = coco_metrics(gt, results, image_ids, label_to_cat, classwise=classwise)
+    box_results = coco_results(instances, image_ids, label_to_cat, "bbox") if bbox else []
+    if bbox:
+        metrics.update(coco_metrics(gt, box_results, image_ids, label_to_cat, "bbox",
+                                    classwise=classwise))
+    tables = {k: metrics.pop(k) for k in [k for k in metrics if k.endswith("_classwise")]}
+    for k, rows in tables.items():
+        print(classwise_table(rows, f"{split} {k} (per-class AP)"))
     metrics.update(num_images=len(image_ids), num_detections=len(results))
 
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, f"results_{split}.segm.json"), "w") as f:
-        json.dump(results, f)
-    with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
-        json.dump({**metrics, "split": split, "annotation_file": os.path.abspath(ann_file),
-                   "predict_seconds": seconds, "compiled_programs": pred.num_traces}, f, indent=1)
+    from solov2_jax.checkpoint import atomic_write_json  # temp name + rename, strict JSON
+
+    atomic_write_json(os.path.join(workdir, f"results_{split}.segm.json"), results)
+    if bbox:
+        atomic_write_json(os.path.join(workdir, f"results_{split}.bbox.json"), box_results)
+    extra = {"classwise": {k.rsplit("_", 1)[0]: v for k, v in tables.items()}} if tables else {}
+    atomic_write_json(os.path.join(workdir, f"eval_{split}.json"),
+                      {**metrics, **extra, "split": split,
+                       "annotation_file": os.path.abspath(ann_file),
+                       "predict_seconds": seconds, "compiled_programs": pred.num_compiled},
+                      indent=1)
     logging.info("eval %s: %d images in %.1fs (%.1f img/s incl. compile), %s", split,
                  len(image_ids), seconds, len(image_ids) / max(seconds, 1e-9), metrics)
     return metrics
-
-
-def check_variables(config, variables, source: str, config_name: str) -> None:
-    """Raises EvaluateError naming `source` and `config_name` if shapes do not match."""
-    from solov2_jax.convert import shape_mismatches, variable_shapes
-
-    problems = shape_mismatches(variables, variable_shapes(build_model(config.model)))
-    if problems:
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise EvaluateError(f"weights at {source} do not match the model of {config_name} "
-                            f"({len(problems)} problems):\n  " + "\n  ".join(problems[:10]) + more)
 
 
 def _define_flags(fv, argv):
@@ -319,6 +246,9 @@ def _define_flags(fv, argv):
     flags.DEFINE_string("split", None, "TFDS split; default config.data.eval_split",
                         flag_values=fv)
     flags.DEFINE_integer("max_images", None, "evaluate only this many images", flag_values=fv)
+    flags.DEFINE_bool("bbox", False, "also COCO box AP of the masks' tight boxes",
+                      flag_values=fv)
+    flags.DEFINE_bool("classwise", False, "also mmdet's per-class AP table", flag_values=fv)
 
 
 def _execute(fv) -> dict:
@@ -326,27 +256,19 @@ def _execute(fv) -> dict:
 
     if fv.config is None:
         raise EvaluateError("--config is required")
+    from solov2_jax.config import check_config
+
+    check_config(fv.config)
     if not fv.weights and not fv.workdir:
         raise EvaluateError("give --weights DIR and/or --workdir DIR")
     config, name = fv.config, config_flags.get_config_filename(fv["config"])
-    if fv.weights:
-        from solov2_jax.convert import load_variables
+    from solov2_jax.predict import load_weights
 
-        source = os.path.abspath(fv.weights)
-        if not os.path.isdir(source):
-            raise EvaluateError(f"weights directory not found: {source}")
-        variables = load_variables(source)
-        workdir = fv.workdir or source.rstrip(os.sep) + "_eval"
-    else:
-        try:  # lazy: train imports this module
-            from solov2_jax.train import restore_variables
-        except ImportError as e:
-            raise EvaluateError(f"cannot restore a training checkpoint: {e}") from e
-        source = workdir = os.path.abspath(fv.workdir)
-        variables = restore_variables(workdir)
-    check_variables(config, variables, source, name)
+    source = os.path.abspath(fv.weights or fv.workdir)
+    variables = load_weights(config, source, name)  # converted weights or a training run
+    workdir = fv.workdir or source.rstrip(os.sep) + "_eval"
     metrics = evaluate(config, variables, workdir=workdir, split=fv.split,
-                       max_images=fv.max_images)
+                       max_images=fv.max_images, bbox=fv.bbox, classwise=fv.classwise)
     print(json.dumps(metrics, indent=1))
     return metrics
 
