@@ -53,8 +53,23 @@ def report(prog: str, error: BaseException) -> int:
     return 1
 
 
+def _drop_closed_loop_noise(unraisable):
+    """sys.unraisablehook without orbax/tensorstore's late 'Event loop is closed' callbacks.
+
+    After a failed restore (a corrupt checkpoint), futures complete on an asyncio loop that
+    orbax already closed; Python prints each as an 'Exception ignored' traceback, dozens
+    of lines that bury the real one-line error. Every other unraisable is printed.
+    """
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)  # installed only in place of the default hook
+
+
 def guarded(prog: str, fn, argv):
     """Runs fn(argv without --debug); user errors become one line and status 1."""
+    if sys.unraisablehook is sys.__unraisablehook__:
+        sys.unraisablehook = _drop_closed_loop_noise
     debug = debug_requested(argv if argv is not None else sys.argv[1:])
     try:
         return fn(strip_debug(argv) if argv is not None else None)

@@ -168,7 +168,7 @@ def test_resume_without_input_state_is_exact(runs, demo, tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(runs, demo, tmp_path,
-                                                                  capsys):
+                                                                  capsys, caplog):
     wd = tmp_path / "corrupt"
     shutil.copytree(runs / "straight4", wd)
     reference = checkpoint.restore_train_state(str(wd / "checkpoints" / "4"))
@@ -176,7 +176,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(runs, demo, tm
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated data files
     # Evaluation / prediction: one warning line, the previous step's variables.
+    caplog.set_level("WARNING")
     variables = checkpoint.load_variables(str(wd))
+    assert [r.getMessage().startswith("checkpoint step 4 is unreadable (ValueError: ")
+            for r in caplog.records] == [True]
+    caplog.clear()
     _assert_equal_states(variables["params"],
                          checkpoint.restore_train_state(str(wd / "checkpoints" / "2"))["params"])
     # Training: moves step 4 aside, resumes from 2 and re-trains 3-4 exactly.
@@ -185,8 +189,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(runs, demo, tm
     rc, err = _train(demo, wd, 4, capsys=capsys)
     assert rc == 0, err
     assert "Traceback" not in err and "Event loop is closed" not in err
-    assert any("checkpoint step 4 is unreadable" in line and "falling back to step 2" in line
-               for line in err.splitlines()), err
+    warned = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0], warned
+    assert warned[0].startswith("checkpoint step 4 is unreadable (") and warned[0].endswith(
+        "; falling back to step 2") and "moved to " in warned[0], warned
     assert os.listdir(wd / "checkpoints_corrupt")
     _assert_equal_states(checkpoint.restore_train_state(str(wd / "checkpoints" / "4")),
                          reference)
@@ -451,3 +457,60 @@ def test_truncated_pth_gets_no_allow_pickle_advice(tmp_path, capsys):
     assert rc == 1 and "not a complete PyTorch checkpoint" in err
     assert "--allow-pickle" not in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+# -- 7: corrupt weights and a full disk are one line each ------------------------------
+
+
+def test_corrupt_weights_are_one_line_for_evaluate(tmp_path, capsys):
+    from solov2_jax import evaluate
+
+    path = checkpoint.save_variables(str(tmp_path / "w"), {
+        "params": {"w": np.arange(50_000.0)}, "batch_stats": {}})
+    for f in Path(path).rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:10])
+    rc = evaluate.main(["solov2-evaluate", f"--config={ROOT}/configs/tiny.py",
+                        f"--weights={path}", f"--workdir={tmp_path / 'eval'}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"solov2-evaluate: error: cannot read checkpoint {path}" in err, err
+    assert "Traceback" not in err and "Event loop is closed" not in err
+
+
+def test_full_disk_during_a_save_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    ckpts = checkpoint.TrainCheckpoints(str(tmp_path))
+
+    class Full:
+        def save(self, *a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ckpts, "_manager", Full())
+    state = {"step": np.int32(2), "params": {"w": np.ones(2)}, "batch_stats": {},
+             "opt_state": {"m": np.ones(2)}}
+    with pytest.raises(checkpoint.CheckpointError,
+                       match="cannot write checkpoint step 2 to .*No space left on device"):
+        ckpts.save(2, state, None)
+    with pytest.raises(checkpoint.CheckpointError, match="params/w is not finite"):
+        ckpts.save(4, {**state, "params": {"w": np.array([1.0, np.inf])}}, None)
+
+
+def test_closed_event_loop_noise_is_dropped_and_other_unraisables_kept(capsys,
+                                                                         monkeypatch):
+    class Dying:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    monkeypatch.setattr(sys, "unraisablehook", cli._drop_closed_loop_noise)
+    capsys.readouterr()
+    Dying(RuntimeError("Event loop is closed"))  # collected at once: __del__ raises
+    assert capsys.readouterr().err == ""
+    Dying(ValueError("a real problem"))
+    assert "a real problem" in capsys.readouterr().err

@@ -149,7 +149,10 @@ def validate_annotation(ann: dict, img: dict, where: str) -> None:
     height, width = int(img["height"]), int(img["width"])
     segm = ann.get("segmentation")
     if isinstance(segm, list):
-        for part in segm:
+        # A flat list of numbers is malformed but harmless when the box rules drop the
+        # instance first (ann_to_rle rejects it otherwise): check its numbers all the same.
+        parts = [segm] if segm and all(_is_number(v) for v in segm) else segm
+        for part in parts:
             if not isinstance(part, list | tuple):
                 raise bad("polygon segmentation must be a list of coordinate lists")
             for i, v in enumerate(part):
