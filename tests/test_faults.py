@@ -207,7 +207,12 @@ def test_evaluate_workdir_typo_creates_nothing(tmp_path, capsys):
     rc = evaluate.main(["solov2-evaluate", f"--config={ROOT}/configs/tiny.py",
                         f"--workdir={typo}"])
     err = capsys.readouterr().err
-    assert rc == 1 and "no training checkpoints in" in err and "Traceback" not in err
+    assert rc == 1 and err.startswith("solov2-evaluate: error: ") and str(typo) in err
+    assert len(err.splitlines()) == 1 and "not found" in err, err
+    assert not typo.exists()
+    # The training-side reader says what is missing, and creates nothing either.
+    with pytest.raises(checkpoint.CheckpointError, match="no training checkpoints in"):
+        train.restore_variables(str(typo))
     assert not typo.exists()
 
 
