@@ -47,6 +47,15 @@ def solov2_config(
 
     c.model = ml_collections.ConfigDict()
     c.model.depth = depth
+    # mmdet's ResNeXt when groups > 1 (x101-64x4d: groups=64, base_width=4).
+    c.model.groups = 1
+    c.model.base_width = 4
+    # DCNv2 (mmcv ModulatedDeformConv2dPack): per backbone stage (mmdet stage_with_dcn), in
+    # the kernel/cls stacked convs ('none' | 'all' | 'last': mmdet dcn_cfg +
+    # dcn_apply_to_all_conv) and in every mask-feature conv (its conv_cfg).
+    c.model.stage_with_dcn = (False, False, False, False)
+    c.model.head_dcn = "none"
+    c.model.mask_feature_dcn = False
     c.model.frozen_stages = 1
     c.model.backbone_channels = RESNET_CHANNELS[depth]
     c.model.fpn_channels = 256
@@ -170,6 +179,44 @@ def ms3x_config(depth: int) -> ml_collections.ConfigDict:
     )
 
 
+# mmdet's *-dcn backbones: dcn=dict(type='DCNv2', deformable_groups=1,
+# fallback_on_stride=False), stage_with_dcn=(False, True, True, True).
+DCN_STAGES = (False, True, True, True)
+
+
+def dcn_ms3x_config(depth: int, groups: int = 1, base_width: int = 4
+                    ) -> ml_collections.ConfigDict:
+    """mmdet `solov2_r101-dcn_fpn_ms-3x_coco` / `solov2_x101-dcn_fpn_ms-3x_coco` (groups=64).
+
+    DCNv2 in backbone stages 2-4, in every kernel/cls stacked conv and in every conv of the
+    mask-feature branch (including its 1x1 conv_pred).
+    """
+    c = ms3x_config(depth)
+    c.model.groups = groups
+    c.model.base_width = base_width
+    c.model.stage_with_dcn = DCN_STAGES
+    c.model.head_dcn = "all"
+    c.model.mask_feature_dcn = True
+    return c
+
+
+def light_dcn_ms3x_config(depth: int) -> ml_collections.ConfigDict:
+    """mmdet `solov2-light_r{depth}-dcn_fpn_ms-3x_coco`.
+
+    The light config with DCNv2 in backbone stages 2-4 and a head of 3 stacked convs
+    (feat 256) whose last one is a DCNv2 (dcn_apply_to_all_conv=False), larger scale
+    ranges; the mask-feature branch has no DCN.
+    """
+    c = light_ms3x_config(depth)
+    c.model.stage_with_dcn = DCN_STAGES
+    c.model.head_dcn = "last"
+    c.model.feat_channels = 256
+    c.model.stacked_convs = 3
+    c.model.scale_ranges = ((1, 64), (32, 128), (64, 256), (128, 512), (256, 2048))
+    c.model.mask_out_channels = 128
+    return c
+
+
 def check_config(c) -> None:
     """Raises cli.UserError naming the first out-of-range value (before any expensive work).
 
@@ -211,6 +258,8 @@ def check_config(c) -> None:
                  "test.max_candidates", "test.max_per_img", "test.nms_pre"):
         need(path, positive_int, "a positive integer")
     need("optim.lr", lambda v: finite(v) and v > 0, "a finite number > 0")
+    need("model.head_dcn", lambda v: v in ("none", "all", "last"), "'none', 'all' or 'last'")
+    need("model.groups", positive_int, "a positive integer")
     need("optim.momentum", lambda v: finite(v) and 0 <= v < 1, "in [0, 1)")
     need("optim.weight_decay", lambda v: finite(v) and v >= 0, "a finite number >= 0")
     need("optim.grad_clip_norm", lambda v: finite(v) and v > 0, "a finite number > 0")

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from solov2_jax.models.resnet import block_layout
+from solov2_jax.models.solov2_head import dcn_stacked_conv_indices
 
 # Source keys that have no Flax counterpart and are dropped on purpose.
 IGNORED_SUFFIXES = (".num_batches_tracked",)  # BN step counter; inference BN never uses it
@@ -68,6 +69,10 @@ BACKBONE_RULES = (
     Rule("layer{s}_{b}/bn{c}", "layer{s}.{b}.bn{c}", "bn", "block_convs"),
     Rule("layer{s}_{b}/downsample_0", "layer{s}.{b}.downsample.0", "conv", "downsample_blocks"),
     Rule("layer{s}_{b}/downsample_1", "layer{s}.{b}.downsample.1", "bn", "downsample_blocks"),
+    # DCNv2 (mmcv ModulatedDeformConv2dPack): its own `weight` is matched by the conv rule
+    # above; the offset/mask predictor is a child conv with a bias.
+    Rule("layer{s}_{b}/conv2/conv_offset", "layer{s}.{b}.conv2.conv_offset", "conv_bias",
+         "dcn_blocks"),
 )
 
 NECK_RULES = (
@@ -88,6 +93,16 @@ HEAD_RULES = (
          "mask_feature_head.convs_all_levels.{l}.conv{j}.gn", "gn", "mask_level_convs"),
     Rule("mask_feature_head/conv_pred/conv", "mask_feature_head.conv_pred.conv", "conv"),
     Rule("mask_feature_head/conv_pred/gn", "mask_feature_head.conv_pred.gn", "gn"),
+    # ConvModules whose conv is a DCNv2 (mmdet dcn_cfg / mask_feature_head conv_cfg).
+    Rule("kernel_convs_{i}/conv/conv_offset", "kernel_convs.{i}.conv.conv_offset", "conv_bias",
+         "dcn_stacked_convs"),
+    Rule("cls_convs_{i}/conv/conv_offset", "cls_convs.{i}.conv.conv_offset", "conv_bias",
+         "dcn_stacked_convs"),
+    Rule("mask_feature_head/convs_all_levels_{l}/conv{j}/conv/conv_offset",
+         "mask_feature_head.convs_all_levels.{l}.conv{j}.conv.conv_offset", "conv_bias",
+         "dcn_mask_level_convs"),
+    Rule("mask_feature_head/conv_pred/conv/conv_offset",
+         "mask_feature_head.conv_pred.conv.conv_offset", "conv_bias", "dcn_mask_pred"),
 )
 
 # (flax top-level module, torch key prefix, rules) of a full mmdet SOLOv2 checkpoint.
@@ -99,21 +114,29 @@ SOLOV2_SECTIONS = (
 
 
 def index_sets(depth: int, stacked_convs: int = 0, num_fpn_inputs: int = 4,
-               num_mask_levels: int = 4) -> dict[str, list[dict[str, int]]]:
+               num_mask_levels: int = 4, stage_with_dcn=(False, False, False, False),
+               head_dcn: str = "none", mask_feature_dcn: bool = False
+               ) -> dict[str, list[dict[str, int]]]:
     """Placeholder bindings for every index set, for one architecture."""
     convs_per_block = 2 if depth in (18, 34) else 3
     layout = block_layout(depth)
     blocks = [(s + 1, b, ds) for s, stage in enumerate(layout)
               for b, (_, ds) in enumerate(stage)]
+    mask_level_convs = [{"l": lv, "j": j} for lv in range(num_mask_levels)
+                        for j in range(max(lv, 1))]
     return {
+        "dcn_blocks": [{"s": s, "b": b} for s, b, _ in blocks if stage_with_dcn[s - 1]],
+        "dcn_stacked_convs": [{"i": i} for i in dcn_stacked_conv_indices(head_dcn,
+                                                                           stacked_convs)],
+        "dcn_mask_level_convs": mask_level_convs if mask_feature_dcn else [],
+        "dcn_mask_pred": [{}] if mask_feature_dcn else [],
         "one": [{}],
         "block_convs": [{"s": s, "b": b, "c": c} for s, b, _ in blocks
                         for c in range(1, convs_per_block + 1)],
         "downsample_blocks": [{"s": s, "b": b} for s, b, ds in blocks if ds],
         "fpn_inputs": [{"i": i} for i in range(num_fpn_inputs)],
         "stacked_convs": [{"i": i} for i in range(stacked_convs)],
-        "mask_level_convs": [{"l": lv, "j": j} for lv in range(num_mask_levels)
-                             for j in range(max(lv, 1))],
+        "mask_level_convs": mask_level_convs,
     }
 
 
@@ -141,9 +164,22 @@ def expand(sections: Iterable[tuple[str, str, Iterable[Rule]]],
     return table
 
 
-def solov2_table(depth: int, stacked_convs: int) -> dict[str, Target]:
-    """Full mmdet SOLOv2 checkpoint -> {'params', 'batch_stats'} of `models.SOLOv2`."""
-    return expand(SOLOV2_SECTIONS, index_sets(depth, stacked_convs))
+def solov2_table(depth: int, stacked_convs: int, stage_with_dcn=(False, False, False, False),
+                 head_dcn: str = "none", mask_feature_dcn: bool = False) -> dict[str, Target]:
+    """Full mmdet SOLOv2 checkpoint -> {'params', 'batch_stats'} of `models.SOLOv2`.
+
+    ResNeXt needs no extra rule (same keys as ResNet, grouped shapes); DCNv2 convs add
+    their `conv_offset` children where the config puts DCN.
+    """
+    return expand(SOLOV2_SECTIONS, index_sets(
+        depth, stacked_convs, stage_with_dcn=tuple(stage_with_dcn), head_dcn=head_dcn,
+        mask_feature_dcn=mask_feature_dcn))
+
+
+def solov2_table_for(model) -> dict[str, Target]:
+    """`solov2_table` for a `models.SOLOv2` module (reads its architecture fields)."""
+    return solov2_table(model.depth, model.stacked_convs, model.stage_with_dcn,
+                        model.head_dcn, model.mask_feature_dcn)
 
 
 def torchvision_resnet_table(depth: int) -> dict[str, Target]:

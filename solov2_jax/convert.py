@@ -163,7 +163,7 @@ def convert_mmdet(state_dict: Mapping[str, np.ndarray], config) -> dict:
     from solov2_jax.models import build_model
 
     model = build_model(config.model)
-    table = ct.solov2_table(model.depth, model.stacked_convs)
+    table = ct.solov2_table_for(model)
     return convert_state_dict(state_dict, table, variable_shapes(model))
 
 

@@ -95,7 +95,8 @@ def load_config(name: str):
     return cfg
 
 
-def build_model(name: str, seed: int = 0, test_cfg: dict | None = None):
+def build_model(name: str, seed: int = 0, test_cfg: dict | None = None,
+                num_classes: int | None = None):
     """Builds mmdet's SOLOv2 `name` with random weights and randomised BN/GN statistics.
 
     ResNet's default init makes eval-mode BN ~identity and zeroes the last BN of each
@@ -108,6 +109,8 @@ def build_model(name: str, seed: int = 0, test_cfg: dict | None = None):
     cfg = load_config(name)
     if test_cfg:
         cfg.model.test_cfg.update(test_cfg)
+    if num_classes is not None:
+        cfg.model.mask_head.num_classes = num_classes
     torch.manual_seed(seed)
     model = MODELS.build(cfg.model)
     model.init_weights()
@@ -133,7 +136,9 @@ def randomise_(module, seed: int = 0) -> None:
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
                 m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-            if isinstance(m, torch.nn.Conv2d):
+            # mmcv's DCNv2 holds its own weight (not a Conv2d); its `conv_offset` child is a
+            # Conv2d, so offsets become O(1) pixels and masks sigmoid(O(1)).
+            if isinstance(m, torch.nn.Conv2d) or hasattr(m, "conv_offset"):
                 # He-like scale keeps activations O(1) through deep stacks.
                 fan_in = m.weight[0].numel()
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * fan_in**-0.5)

@@ -15,6 +15,9 @@ MMDET_VARIANTS = [
     "solov2-light_r18_fpn_ms-3x_coco",
     "solov2-light_r34_fpn_ms-3x_coco",
     "solov2-light_r50_fpn_ms-3x_coco",
+    "solov2_r101-dcn_fpn_ms-3x_coco",
+    "solov2_x101-dcn_fpn_ms-3x_coco",
+    "solov2-light_r50-dcn_fpn_ms-3x_coco",
 ]
 
 
@@ -54,7 +57,28 @@ def test_hyperparameters_equal_mmdet(mmdet, name):
     cfg = load(name)
     head = mm.model.mask_head
     m = cfg.model
-    assert m.depth == mm.model.backbone.depth
+    bb = mm.model.backbone
+    assert m.depth == bb.depth
+    # ResNeXt (groups, base_width) and DCNv2 placement.
+    assert bb.type == ("ResNeXt" if m.groups > 1 else "ResNet")
+    if bb.type == "ResNeXt":
+        assert (m.groups, m.base_width) == (bb.groups, bb.base_width)
+    dcn = bb.get("dcn")
+    if dcn is None:
+        assert not any(m.stage_with_dcn)
+    else:
+        assert dict(dcn) == {"type": "DCNv2", "deformable_groups": 1,
+                             "fallback_on_stride": False}
+        assert list(m.stage_with_dcn) == list(bb.stage_with_dcn)
+    head_dcn = mm.model.mask_head.get("dcn_cfg")
+    if head_dcn is None:
+        assert m.head_dcn == "none"
+    else:
+        assert dict(head_dcn) == {"type": "DCNv2"}
+        assert m.head_dcn == ("all" if mm.model.mask_head.dcn_apply_to_all_conv else "last")
+    mf_conv = mm.model.mask_head.mask_feature_head.get("conv_cfg")
+    assert m.mask_feature_dcn == (mf_conv is not None)
+    assert mf_conv is None or dict(mf_conv) == {"type": "DCNv2"}
     assert m.frozen_stages == mm.model.backbone.frozen_stages
     assert list(m.backbone_channels) == list(mm.model.neck.in_channels)
     assert m.fpn_channels == mm.model.neck.out_channels == head.in_channels

@@ -50,6 +50,12 @@ def build_model(model_cfg, dtype: Any = jnp.float32, precision: Any = None) -> S
         mask_feature_channels=int(model_cfg["mask_feature_channels"]),
         mask_out_channels=int(model_cfg["mask_out_channels"]),
         dynamic_conv_size=int(model_cfg["dynamic_conv_size"]),
+        # Architecture options newer than some saved configs: defaults = plain ResNet, no DCN.
+        groups=int(model_cfg.get("groups", 1)),
+        base_width=int(model_cfg.get("base_width", 4)),
+        stage_with_dcn=tuple(bool(v) for v in model_cfg.get("stage_with_dcn", (False,) * 4)),
+        head_dcn=str(model_cfg.get("head_dcn", "none")),
+        mask_feature_dcn=bool(model_cfg.get("mask_feature_dcn", False)),
         dtype=dtype,
         precision=precision,
     )

@@ -155,7 +155,7 @@ class DCNv2(nn.Module):
     with `use_bias`) and the offset/mask predictor `conv_offset` (<- `conv_offset.weight`,
     `conv_offset.bias`), a plain conv with the same kernel size, stride, padding and
     dilation and `deform_groups * 3 * k * k` outputs, zero-initialised as in mmcv (so a
-    fresh DCNv2 is exactly a plain conv).
+    fresh DCNv2 is a plain conv with the kernel halved: offsets 0, masks sigmoid(0)).
     """
 
     features: int
@@ -168,6 +168,9 @@ class DCNv2(nn.Module):
     use_bias: bool = True
     kernel_init: Initializer | None = None  # None: mmcv's uniform init
     bias_init: Initializer = nn.initializers.zeros
+    # mmcv zero-initialises conv_offset; mmdet's SOLOv2 head init (Normal(0.01) on every
+    # Conv2d) re-initialises it there.
+    offset_kernel_init: Initializer = nn.initializers.zeros
     dtype: Dtype = jnp.float32
     precision: Any = None
 
@@ -187,7 +190,7 @@ class DCNv2(nn.Module):
         out = nn.Conv(self.deform_groups * 3 * kk, (k, k), (self.strides, self.strides),
                       padding=((pad, pad), (pad, pad)),
                       kernel_dilation=(self.dilation, self.dilation),
-                      kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+                      kernel_init=self.offset_kernel_init, bias_init=nn.initializers.zeros,
                       dtype=self.dtype, precision=self.precision, name="conv_offset")(x)
         # mmcv: o1, o2, m = chunk(out, 3, dim=1); offset = cat(o1, o2); mask = sigmoid(m).
         # The concatenated offset channels are then read as (dy, dx) pairs per tap.

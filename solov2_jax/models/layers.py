@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from solov2_jax.models import canvas
+from solov2_jax.models.dcn import DCNv2
 
 Dtype = Any
 Initializer = Any
@@ -26,12 +27,16 @@ class ConvModule(nn.Module):
     """mmcv `ConvModule`: k x k conv (stride 1, padding k // 2), GN and ReLU optional.
 
     As in mmcv (`bias='auto'`), the conv has a bias only when no norm layer follows.
+    `dcn=True` makes the conv mmcv's `DCNv2` (`conv_cfg=dict(type='DCNv2')`), still named
+    `conv`; `kernel_init` then initialises its offset predictor (mmdet's head init hits
+    every Conv2d) and the DCN kernel keeps mmcv's own init.
     """
 
     features: int
     kernel_size: int = 3
     gn_groups: int | None = None  # None: no GroupNorm
     activation: bool = True
+    dcn: bool = False
     kernel_init: Initializer = nn.initializers.normal(0.01)
     dtype: Dtype = jnp.float32
     precision: Any = None
@@ -46,18 +51,24 @@ class ConvModule(nn.Module):
         """
         p = self.kernel_size // 2
         mask = None if valid_hw is None else canvas.valid_mask(valid_hw, x.shape[1:3])
-        if mask is not None and self.kernel_size > 1:
+        # A deformable conv samples anywhere (also a 1x1 one): its input is always masked.
+        if mask is not None and (self.kernel_size > 1 or self.dcn):
             x = jnp.where(mask, x, jnp.zeros((), x.dtype))
-        x = nn.Conv(
-            self.features,
-            (self.kernel_size, self.kernel_size),
-            padding=((p, p), (p, p)),
-            use_bias=self.gn_groups is None,
-            kernel_init=self.kernel_init,
-            dtype=self.dtype,
-            precision=self.precision,
-            name="conv",
-        )(x)
+        if self.dcn:
+            x = DCNv2(self.features, self.kernel_size, padding=p,
+                      use_bias=self.gn_groups is None, offset_kernel_init=self.kernel_init,
+                      dtype=self.dtype, precision=self.precision, name="conv")(x)
+        else:
+            x = nn.Conv(
+                self.features,
+                (self.kernel_size, self.kernel_size),
+                padding=((p, p), (p, p)),
+                use_bias=self.gn_groups is None,
+                kernel_init=self.kernel_init,
+                dtype=self.dtype,
+                precision=self.precision,
+                name="conv",
+            )(x)
         if self.gn_groups is not None:
             # Two-pass variance (as torch) instead of E[x^2] - E[x]^2, which loses digits.
             gn_mask = None if mask is None else jnp.broadcast_to(mask, x.shape)

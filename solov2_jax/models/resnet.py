@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from solov2_jax.models import canvas
+from solov2_jax.models.dcn import DCNv2
 
 ModuleDef = Any
 Dtype = Any
@@ -76,13 +77,21 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """ResNet-50/101 block: 1x1 -> 3x3 (stride here, pytorch style) -> 1x1 (x4 channels)."""
+    """ResNet-50/101 block: 1x1 -> 3x3 (stride here, pytorch style) -> 1x1 (x4 channels).
+
+    With `groups > 1` it is mmdet's ResNeXt block: the 3x3 conv is grouped and the inner
+    width is `floor(planes * base_width / 64) * groups`. With `dcn` (a `DCNv2` partial)
+    the 3x3 conv is mmcv's modulated deformable conv (mmdet `dcn=dict(type='DCNv2')`).
+    """
 
     planes: int
     stride: int
     has_downsample: bool
     conv: ModuleDef
     norm: ModuleDef
+    groups: int = 1
+    base_width: int = 4
+    dcn: ModuleDef | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, valid_out: jax.Array) -> jax.Array:
@@ -91,14 +100,24 @@ class Bottleneck(nn.Module):
         valid_out [B, 2]: the canvas at the output resolution; the output is zero outside.
         """
         identity = x
-        y = self.conv(self.planes, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv1")(x)
-        # The 3x3 conv must see zeros past the canvas; a stride-2 one reads only inside.
+        width = self.planes if self.groups == 1 else (
+            self.planes * self.base_width // 64 * self.groups)
+        y = self.conv(width, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv1")(x)
+        # The 3x3 conv must see zeros past the canvas; a stride-2 one reads only inside,
+        # but a deformable one samples anywhere, so its input (at the block's input
+        # resolution) is always masked.
         y = nn.relu(self.norm(name="bn1")(y))
-        if self.stride == 1:
+        if self.dcn is not None:
+            y = canvas.apply(y, None if valid_out is None else valid_out * self.stride)
+        elif self.stride == 1:
             y = canvas.apply(y, valid_out)
         # style='pytorch': the stride sits on the 3x3 conv, not on the first 1x1.
-        y = self.conv(self.planes, (3, 3), (self.stride, self.stride), torch_padding(3),
-                      name="conv2")(y)
+        if self.dcn is not None:
+            y = self.dcn(width, 3, strides=self.stride, padding=1, groups=self.groups,
+                         name="conv2")(y)
+        else:
+            y = self.conv(width, (3, 3), (self.stride, self.stride), torch_padding(3),
+                          feature_group_count=self.groups, name="conv2")(y)
         y = nn.relu(self.norm(name="bn2")(y))
         y = self.conv(self.planes * 4, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv3")(y)
         y = self.norm(name="bn3", scale_init=nn.initializers.zeros)(y)
@@ -130,9 +149,17 @@ def block_layout(depth: int) -> list[list[tuple[int, bool]]]:
 
 
 class ResNet(nn.Module):
-    """mmdet `ResNet(style='pytorch', out_indices=(0,1,2,3))` returning C2..C5."""
+    """mmdet `ResNet(style='pytorch', out_indices=(0,1,2,3))` returning C2..C5.
+
+    `groups > 1` gives mmdet's `ResNeXt(groups, base_width)` (e.g. 64x4d); a True in
+    `stage_with_dcn` makes the 3x3 conv of every bottleneck of that stage a `DCNv2`
+    (mmdet `dcn=dict(type='DCNv2', deformable_groups=1, fallback_on_stride=False)`).
+    """
 
     depth: int = 50
+    groups: int = 1
+    base_width: int = 4
+    stage_with_dcn: Sequence[bool] = (False, False, False, False)
     dtype: Dtype = jnp.float32
     precision: Any = None
 
@@ -150,6 +177,11 @@ class ResNet(nn.Module):
                              f"choose from {sorted(ARCH_SETTINGS)}")
         kind, _ = ARCH_SETTINGS[self.depth]
         block_cls = BasicBlock if kind == "basic" else Bottleneck
+        if kind == "basic" and (self.groups != 1 or any(self.stage_with_dcn)):
+            raise ValueError("BasicBlock (ResNet-18/34) supports neither groups nor DCN "
+                             "(as in mmdet)")
+        if len(self.stage_with_dcn) != 4:
+            raise ValueError(f"stage_with_dcn needs 4 entries, got {self.stage_with_dcn}")
         conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                                  precision=self.precision, kernel_init=kaiming_fan_out)
         # Inference-mode BN only (norm_eval=True); stats live in `batch_stats`.
@@ -159,18 +191,28 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         x = conv(64, (7, 7), (2, 2), torch_padding(7), name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
-        # torch MaxPool2d(3, 2, padding=1) pads with -inf, as flax's max_pool does.
+        # torch MaxPool2d(3, 2, padding=1) pads with -inf; padded explicitly (the same
+        # values as max_pool's own padding) because jax2onnx's ONNX export of
+        # max_pool takes no explicit padding pairs.
         # Inside the canvas, the stride-2 stem conv and pool read only canvas pixels.
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+        x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2))
         x = canvas.apply(x, canvas.level(canvas_hw, 4))
 
         outs = []
         for stage, blocks in enumerate(block_layout(self.depth)):
             planes = 64 * 2**stage
             valid = canvas.level(canvas_hw, 4 * 2**stage)
+            extra = {}
+            if kind == "bottleneck":
+                dcn = (functools.partial(DCNv2, use_bias=False, dtype=self.dtype,
+                                         precision=self.precision)
+                       if self.stage_with_dcn[stage] else None)
+                extra = dict(groups=self.groups, base_width=self.base_width, dcn=dcn)
             for b, (stride, has_downsample) in enumerate(blocks):
                 x = block_cls(planes=planes, stride=stride, has_downsample=has_downsample,
-                              conv=conv, norm=norm, name=f"layer{stage + 1}_{b}")(x, valid)
+                              conv=conv, norm=norm, name=f"layer{stage + 1}_{b}",
+                              **extra)(x, valid)
             outs.append(x)
         return tuple(outs)
 

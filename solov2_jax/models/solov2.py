@@ -26,6 +26,13 @@ class SOLOv2(nn.Module):
     """mmdet `SOLOv2` up to the head outputs: `extract_feat` + `mask_head.forward`."""
 
     depth: int = 50
+    # ResNeXt when groups > 1 (mmdet `ResNeXt(groups, base_width)`); DCNv2 placement as in
+    # mmdet's *-dcn configs (see `ResNet` and `SOLOV2Head`).
+    groups: int = 1
+    base_width: int = 4
+    stage_with_dcn: Sequence[bool] = (False, False, False, False)
+    head_dcn: str = "none"
+    mask_feature_dcn: bool = False
     fpn_channels: int = 256
     fpn_num_outs: int = 5
     num_classes: int = 80
@@ -51,8 +58,9 @@ class SOLOv2(nn.Module):
         BatchNorm is always in inference mode, so there is no `train` flag: the same call
         serves training (grads through params) and evaluation.
         """
-        backbone = ResNet(depth=self.depth, dtype=self.dtype, precision=self.precision,
-                          name="backbone")(images, canvas_hw)
+        backbone = ResNet(depth=self.depth, groups=self.groups, base_width=self.base_width,
+                          stage_with_dcn=tuple(self.stage_with_dcn), dtype=self.dtype,
+                          precision=self.precision, name="backbone")(images, canvas_hw)
         fpn = FPN(out_channels=self.fpn_channels, num_outs=self.fpn_num_outs,
                   dtype=self.dtype, precision=self.precision, name="neck")(backbone,
                                                                             canvas_hw)
@@ -65,6 +73,8 @@ class SOLOv2(nn.Module):
             mask_feature_channels=self.mask_feature_channels,
             mask_out_channels=self.mask_out_channels,
             dynamic_conv_size=self.dynamic_conv_size,
+            head_dcn=self.head_dcn,
+            mask_feature_dcn=self.mask_feature_dcn,
             dtype=self.dtype,
             precision=self.precision,
             name="mask_head",

@@ -30,6 +30,19 @@ CLS_PRIOR_PROB = 0.01
 CLS_BIAS_INIT = -math.log((1 - CLS_PRIOR_PROB) / CLS_PRIOR_PROB)
 
 
+def dcn_stacked_conv_indices(head_dcn: str, stacked_convs: int) -> list[int]:
+    """Which kernel/cls stacked convs are DCNv2: mmdet `dcn_cfg` + `dcn_apply_to_all_conv`.
+
+    head_dcn: 'none' (dcn_cfg=None), 'all' (dcn_apply_to_all_conv=True) or 'last' (False:
+    only the last stacked conv, the light-DCN head).
+    """
+    if head_dcn not in ("none", "all", "last"):
+        raise ValueError(f"head_dcn must be 'none', 'all' or 'last', got {head_dcn!r}")
+    if head_dcn == "all":
+        return list(range(stacked_convs))
+    return [stacked_convs - 1] if head_dcn == "last" and stacked_convs > 0 else []
+
+
 class LevelConvs(nn.Module):
     """One level of the mask-feature branch (mmdet's `nn.Sequential` of `conv{j}`)."""
 
@@ -37,6 +50,7 @@ class LevelConvs(nn.Module):
     features: int
     upsample: bool
     gn_groups: int = 32
+    dcn: bool = False  # DCNv2 convs (mmdet mask_feature_head conv_cfg=dict(type='DCNv2'))
     dtype: Dtype = jnp.float32
     precision: Any = None
 
@@ -47,8 +61,8 @@ class LevelConvs(nn.Module):
         valid_hw [B, 2]: the canvas at the input resolution (None: all of it).
         """
         for j in range(self.num_convs):
-            x = ConvModule(self.features, 3, gn_groups=self.gn_groups, kernel_init=normal_init,
-                           dtype=self.dtype, precision=self.precision,
+            x = ConvModule(self.features, 3, gn_groups=self.gn_groups, dcn=self.dcn,
+                           kernel_init=normal_init, dtype=self.dtype, precision=self.precision,
                            name=f"conv{j}")(x, valid_hw)
             if self.upsample:
                 x = canvas.upsample2x(x, valid_hw).astype(self.dtype)
@@ -63,6 +77,7 @@ class MaskFeatModule(nn.Module):
     out_channels: int = 256
     num_levels: int = 4  # mmdet start_level=0, end_level=3
     gn_groups: int = 32
+    dcn: bool = False  # every conv (incl. the 1x1 conv_pred) a DCNv2, as mmdet's conv_cfg
     dtype: Dtype = jnp.float32
     precision: Any = None
 
@@ -83,11 +98,11 @@ class MaskFeatModule(nn.Module):
             # Level i: max(i, 1) conv+GN+ReLU; for i > 0 each is followed by a bilinear
             # x2 upsample, so every level lands at stride 4.
             x = LevelConvs(max(i, 1), self.feat_channels, upsample=i > 0,
-                           gn_groups=self.gn_groups, dtype=self.dtype,
+                           gn_groups=self.gn_groups, dcn=self.dcn, dtype=self.dtype,
                            precision=self.precision, name=f"convs_all_levels_{i}")(x, valid)
             fused = x if fused is None else fused + x
         valid = canvas.level(canvas_hw, 4)
-        out = ConvModule(self.out_channels, 1, gn_groups=self.gn_groups,
+        out = ConvModule(self.out_channels, 1, gn_groups=self.gn_groups, dcn=self.dcn,
                          kernel_init=normal_init, dtype=self.dtype,
                          precision=self.precision, name="conv_pred")(fused, valid)
         return canvas.apply(out, valid)
@@ -104,19 +119,25 @@ class SOLOV2Head(nn.Module):
     mask_feature_channels: int = 128
     mask_out_channels: int = 256
     dynamic_conv_size: int = 1
+    # DCNv2 in the kernel/cls stacked convs: 'none', 'all' or 'last' (mmdet dcn_cfg +
+    # dcn_apply_to_all_conv), and in every mask-feature conv (its conv_cfg).
+    head_dcn: str = "none"
+    mask_feature_dcn: bool = False
     dtype: Dtype = jnp.float32
     precision: Any = None
 
     def setup(self):
         # Shared across levels, so built in setup() and called once per level.
         # setup() names list entries `<attr>_<i>`: kernel_convs_0, ... as in mmdet.
-        def conv_module():
+        dcn = dcn_stacked_conv_indices(self.head_dcn, self.stacked_convs)
+
+        def conv_module(i):
             return ConvModule(self.feat_channels, 3, gn_groups=self.gn_groups,
-                              kernel_init=normal_init, dtype=self.dtype,
+                              dcn=i in dcn, kernel_init=normal_init, dtype=self.dtype,
                               precision=self.precision)
 
-        self.kernel_convs = [conv_module() for _ in range(self.stacked_convs)]
-        self.cls_convs = [conv_module() for _ in range(self.stacked_convs)]
+        self.kernel_convs = [conv_module(i) for i in range(self.stacked_convs)]
+        self.cls_convs = [conv_module(i) for i in range(self.stacked_convs)]
         kernel_out = self.mask_out_channels * self.dynamic_conv_size**2
         self.conv_kernel = nn.Conv(kernel_out, (3, 3), padding=((1, 1), (1, 1)),
                                    kernel_init=normal_init, dtype=self.dtype,
@@ -127,7 +148,8 @@ class SOLOV2Head(nn.Module):
                                 dtype=self.dtype, precision=self.precision)
         self.mask_feature_head = MaskFeatModule(
             feat_channels=self.mask_feature_channels, out_channels=self.mask_out_channels,
-            gn_groups=self.gn_groups, dtype=self.dtype, precision=self.precision)
+            gn_groups=self.gn_groups, dcn=self.mask_feature_dcn, dtype=self.dtype,
+            precision=self.precision)
 
     @staticmethod
     def resize_feats(feats: Sequence[jax.Array], canvas_hw: jax.Array | None = None
