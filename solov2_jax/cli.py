@@ -96,6 +96,8 @@ def parse_flags(fv, argv, config_flag: str = "config"):
     except (AttributeError, KeyError) as e:
         detail = " ".join(re.sub(r"\\n|[\\'\"]", " ", str(e)).split())
         overrides = [a.split("=")[0] for a in argv if a.startswith(f"--{config_flag}.")]
+        field = detail.split()[0] if detail else ""
+        overrides = [o for o in overrides if o.rsplit(".", 1)[-1] == field] or overrides
         raise UserError(f"unknown config field in {' '.join(overrides) or 'an override'}: "
                         f"{detail}") from None
     return config

@@ -68,6 +68,8 @@ from pathlib import Path
 
 import numpy as np
 
+from solov2_jax.cli import UserError
+
 _BUILDER_NAME = "coco_instance_seg"
 _VERSION = "1.0.0"
 _MAX_EXAMPLES = 5  # example ids / file names kept per skip reason
@@ -76,11 +78,15 @@ _MAX_EXAMPLES = 5  # example ids / file names kept per skip reason
 _builder_cls = None
 
 
+class DataError(UserError, ValueError):
+    """A COCO directory or annotation file that must be fixed (one-line CLI error)."""
+
+
 def split_name(stem: str) -> str:
     """TFDS split name for an annotation stem: 'train2017' -> 'train', 'minival' as is."""
     name = stem[:-4] if stem.endswith("2017") and len(stem) > 4 else stem
     if not re.fullmatch(r"[\w-]+", name):
-        raise ValueError(f"annotation file instances_{stem}.json gives an invalid split name")
+        raise DataError(f"annotation file instances_{stem}.json gives an invalid split name")
     return name
 
 
@@ -95,7 +101,7 @@ def discover_splits(coco_dir: str | os.PathLike) -> dict[str, str]:
         stem = f.stem[len("instances_"):]
         name = split_name(stem)
         if name in splits:
-            raise ValueError(f"instances_{stem}.json and instances_{splits[name]}.json "
+            raise DataError(f"instances_{stem}.json and instances_{splits[name]}.json "
                              f"both map to split '{name}'")
         splits[name] = stem
     return splits
@@ -111,7 +117,7 @@ def read_categories(coco_dir: str | os.PathLike) -> list[tuple[int, str]]:
 
     cats = load_json(files[0]).get("categories") or []
     if not cats:
-        raise ValueError(f"{files[0]} has no categories")
+        raise DataError(f"{files[0]} has no categories")
     return sorted((int(c["id"]), str(c["name"])) for c in cats)
 
 
@@ -153,10 +159,10 @@ def config_name(coco_dir: str | os.PathLike | None, name: str | None = None) -> 
     """BuilderConfig name: `name`, else the sanitised basename of `coco_dir`."""
     if name:
         if not re.fullmatch(r"[a-z0-9_]+", name):
-            raise ValueError(f"dataset name {name!r} must match [a-z0-9_]+")
+            raise DataError(f"dataset name {name!r} must match [a-z0-9_]+")
         return name
     if not coco_dir:
-        raise ValueError("need coco_dir or name to identify the dataset")
+        raise DataError("need coco_dir or name to identify the dataset")
     base = os.path.basename(os.path.normpath(os.path.abspath(coco_dir)))
     return re.sub(r"[^a-z0-9]+", "_", base.lower()).strip("_") or "default"
 
@@ -272,7 +278,7 @@ def get_builder(coco_dir: str | None, data_dir: str, name: str | None = None, *,
     stored metadata, so COCO's 450 MB train JSON is not parsed again).
     """
     if not data_dir:
-        raise ValueError("data_dir must be set")
+        raise DataError("data_dir must be set")
     builder_cls, config_cls = _make_builder_cls()
     cname = config_name(coco_dir, name)
     meta = Path(data_dir) / _BUILDER_NAME / cname / _VERSION / "metadata.json"

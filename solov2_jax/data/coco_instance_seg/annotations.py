@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from solov2_jax.cli import UserError
+from solov2_jax.data.coco_builder import DataError
 
 # Low deflate level: binary masks already shrink ~50x at level 1; higher levels cost
 # prepare time for a few percent of size.
@@ -72,7 +72,7 @@ def ann_to_rle(ann: dict, height: int, width: int, stats: SplitStats):
         try:
             parts = [[float(v) for v in p] for p in segm]
         except TypeError as e:
-            raise ValueError(f"annotation {aid}: polygon segmentation must be a list of "
+            raise AnnotationError(f"annotation {aid}: polygon segmentation must be a list of "
                              f"coordinate lists") from e
         valid = [p for p in parts if len(p) % 2 == 0 and len(p) >= 6]
         if not valid:
@@ -83,18 +83,18 @@ def ann_to_rle(ann: dict, height: int, width: int, stats: SplitStats):
         return mask_utils.merge(mask_utils.frPyObjects(valid, height, width))
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
         if [int(s) for s in segm["size"]] != [height, width]:
-            raise ValueError(f"annotation {aid}: RLE size {segm['size']} != image size "
+            raise AnnotationError(f"annotation {aid}: RLE size {segm['size']} != image size "
                              f"{[height, width]}")
         if isinstance(segm["counts"], list):  # uncompressed RLE (COCO crowd)
             return mask_utils.frPyObjects(segm, height, width)
         counts = segm["counts"]
         return {"size": [height, width],
                 "counts": counts.encode() if isinstance(counts, str) else counts}
-    raise ValueError(f"annotation {aid}: segmentation is neither polygons nor RLE "
+    raise AnnotationError(f"annotation {aid}: segmentation is neither polygons nor RLE "
                      f"({type(segm).__name__})")
 
 
-class AnnotationError(UserError, ValueError):
+class AnnotationError(DataError):
     """An annotation file that must be fixed; the message names the file and the id."""
 
 
@@ -170,7 +170,7 @@ def validate_annotation(ann: dict, img: dict, where: str) -> None:
                 and all(_is_number(v) for v in size)):
             raise bad(f"RLE size {size!r} must be [height, width]")
         if [int(v) for v in size] != [height, width]:
-            return  # ann_to_rle reports the size mismatch
+            raise bad(f"RLE size {list(size)} != image size {[height, width]}")
         counts = segm["counts"]
         if isinstance(counts, list):
             if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
@@ -218,7 +218,7 @@ def _load_split(path: Path, categories) -> tuple[dict, dict, dict]:
     known = dict(categories)
     for c in data.get("categories") or []:
         if known.get(int(c["id"])) != str(c["name"]):
-            raise ValueError(f"{path}: category {c['id']} ({c['name']!r}) is not in the "
+            raise AnnotationError(f"{path}: category {c['id']} ({c['name']!r}) is not in the "
                              f"dataset's category list {sorted(known.items())}; all "
                              "instances_*.json files must share one list")
     labels = {cid: k for k, (cid, _) in enumerate(categories)}
@@ -228,20 +228,20 @@ def _load_split(path: Path, categories) -> tuple[dict, dict, dict]:
     for img in data.get("images") or []:
         iid = int(img["id"])
         if iid in images:
-            raise ValueError(f"{path}: duplicate image id {iid}")
+            raise AnnotationError(f"{path}: duplicate image id {iid}")
         images[iid] = img
     anns: dict[int, list] = defaultdict(list)
     seen: set[int] = set()
     for ann in data.get("annotations") or []:
         aid = ann.get("id")
         if aid is None or aid in seen:
-            raise ValueError(f"{path}: annotation id {aid} is missing or duplicated")
+            raise AnnotationError(f"{path}: annotation id {aid} is missing or duplicated")
         seen.add(aid)
         if ann.get("image_id") not in images:
-            raise ValueError(f"{path}: annotation {aid} refers to unknown image id "
+            raise AnnotationError(f"{path}: annotation {aid} refers to unknown image id "
                              f"{ann.get('image_id')}")
         if ann.get("category_id") not in labels:
-            raise ValueError(f"{path}: annotation {aid} refers to unknown category id "
+            raise AnnotationError(f"{path}: annotation {aid} refers to unknown category id "
                              f"{ann.get('category_id')}")
         validate_annotation(ann, images[ann["image_id"]], str(path))
         anns[ann["image_id"]].append(ann)
