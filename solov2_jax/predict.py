@@ -384,10 +384,13 @@ class Predictor:
 
     Predictor(config, variables): `config` a full ConfigDict (`model`, `test`, `data`),
     `variables` {'params', 'batch_stats'}. `devices` (default: all local devices) run
-    data parallel, each on `data.eval_per_device_batch` images per call.
+    data parallel, each on `data.eval_per_device_batch` images per call. `out_hw`
+    {portrait: (Ho, Wo)} fixes the output canvas per orientation (an image larger than it
+    is an ImageError); by default it grows with the images (see the module docstring).
     """
 
-    def __init__(self, config, variables, *, devices: Sequence[jax.Device] | None = None):
+    def __init__(self, config, variables, *, devices: Sequence[jax.Device] | None = None,
+                 out_hw: dict | None = None):
         self.config = config
         self.program = program(config, devices)
         self.variables = self.program.replicate(variables)
@@ -401,7 +404,9 @@ class Predictor:
         self.per_device = int(data.eval_per_device_batch)
         self.batch_size = self.per_device * len(self.program.devices)
         self.classes = class_info(config)
-        self.out_hw: dict[bool, tuple[int, int] | None] = {False: None, True: None}
+        self.fixed_out_hw = out_hw is not None
+        self.out_hw: dict[bool, tuple[int, int] | None] = {
+            p: (tuple(int(v) for v in out_hw[p]) if out_hw else None) for p in (False, True)}
 
     @classmethod
     def from_checkpoint(cls, config, weights: str, *, overrides: Sequence[str] = (),
@@ -430,8 +435,15 @@ class Predictor:
         return self.program(self.variables, batch, out_hw)
 
     def _grow_out_hw(self, portrait: bool, ori: np.ndarray) -> tuple[int, int]:
-        need = tuple(output_side(int(v)) for v in ori.max(0))
         cur = self.out_hw[portrait]
+        if self.fixed_out_hw:
+            big = ori[(ori > np.asarray(cur)).any(axis=1)]
+            if len(big):
+                raise preprocess.ImageError(
+                    f"an image of {big[0][0]}x{big[0][1]} is larger than the fixed output "
+                    f"canvas {cur[0]}x{cur[1]}")
+            return cur
+        need = tuple(output_side(int(v)) for v in ori.max(0))
         if cur is None or need[0] > cur[0] or need[1] > cur[1]:
             cur = need if cur is None else (max(cur[0], need[0]), max(cur[1], need[1]))
             self.out_hw[portrait] = cur
