@@ -321,7 +321,10 @@ class TrainCheckpoints:
             try:
                 return step, read(step)
             except Exception as e:  # noqa: BLE001 - any damage means: try the previous one
+                import jax
+
                 where = self.step_dir(step)
+                quarantine = quarantine and jax.process_index() == 0  # one mover per run
                 if quarantine:
                     where = self._quarantine(step)
                 older = [s for s in steps if s < step]
