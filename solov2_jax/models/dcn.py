@@ -79,14 +79,17 @@ def deform_columns(x: jax.Array, offset: jax.Array, mask: jax.Array, kernel_size
     if mask.shape != (b, ho, wo, dg * kk):
         raise ValueError(f"mask shape {mask.shape}, expected {(b, ho, wo, dg * kk)}")
 
-    # Sampling positions [B, Ho, Wo, dg, kk] in float32 (coordinates never in low precision).
-    off = offset.astype(jnp.float32).reshape(b, ho, wo, dg, kk, 2)
+    # Sampling positions [B, Ho, Wo, kk, dg] in float32 (coordinates never in low precision),
+    # tap-major so that the gathered columns need no transpose.
+    off = offset.astype(jnp.float32).reshape(b, ho, wo, dg, kk, 2).transpose(0, 1, 2, 4, 3, 5)
     tap_i = jnp.repeat(jnp.arange(kh) * dilation, kw)  # [kk]
     tap_j = jnp.tile(jnp.arange(kw) * dilation, kh)
     base_h = (jnp.arange(ho) * stride - padding)[:, None, None] + tap_i  # [Ho, 1, kk]
     base_w = (jnp.arange(wo) * stride - padding)[None, :, None] + tap_j  # [1, Wo, kk]
-    py = base_h[:, :, None, :].astype(jnp.float32) + off[..., 0]
-    px = base_w[:, :, None, :].astype(jnp.float32) + off[..., 1]
+    # Flattened to [B, Ho, Wo, kk * dg]: 4-D gather indices (5-D ones made XLA CPU's
+    # scatter-add in the backward pass 2.5x slower).
+    py = (base_h[..., None].astype(jnp.float32) + off[..., 0]).reshape(b, ho, wo, kk * dg)
+    px = (base_w[..., None].astype(jnp.float32) + off[..., 1]).reshape(b, ho, wo, kk * dg)
 
     y0 = jnp.floor(py)
     x0 = jnp.floor(px)
@@ -95,7 +98,8 @@ def deform_columns(x: jax.Array, offset: jax.Array, mask: jax.Array, kernel_size
     inside = (py > -1) & (py < h) & (px > -1) & (px < w)
     # The tap's mask, zero for a sample outside the image (its index is clamped to any
     # valid pixel below).
-    m = (mask.astype(jnp.float32).reshape(b, ho, wo, dg, kk) * inside).astype(x.dtype)
+    m = mask.astype(jnp.float32).reshape(b, ho, wo, dg, kk).transpose(0, 1, 2, 4, 3)
+    m = (m.reshape(b, ho, wo, kk * dg) * inside).astype(x.dtype)
 
     # Rows of the zero-padded input, one per (pixel, deformable group). A top-left corner
     # y0 in [-1, H-1] is padded row y0 + 1, and its lower/right neighbours exist; samples
@@ -104,8 +108,8 @@ def deform_columns(x: jax.Array, offset: jax.Array, mask: jax.Array, kernel_size
     rows = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(-1, cg)
     r = jnp.clip(y0, -1, h - 1).astype(jnp.int32) + 1
     s = jnp.clip(x0, -1, w - 1).astype(jnp.int32) + 1
-    top_left = ((jnp.arange(b)[:, None, None, None, None] * (h + 2) + r) * (w + 2) + s) * dg \
-        + jnp.arange(dg)[:, None]  # [B, Ho, Wo, dg, kk]
+    top_left = ((jnp.arange(b)[:, None, None, None] * (h + 2) + r) * (w + 2) + s) * dg \
+        + jnp.tile(jnp.arange(dg), kk)  # [B, Ho, Wo, kk * dg]
     cols = None
     for dy, dx, weight in ((0, 0, hy * hx), (0, 1, hy * lx), (1, 0, ly * hx), (1, 1, ly * lx)):
         # One row gather per corner, fused by XLA into the weighted sum (measured faster
@@ -113,8 +117,8 @@ def deform_columns(x: jax.Array, offset: jax.Array, mask: jax.Array, kernel_size
         corner = rows.at[top_left + (dy * (w + 2) + dx) * dg].get(mode="promise_in_bounds")
         term = (weight.astype(x.dtype) * m)[..., None] * corner
         cols = term if cols is None else cols + term
-    # [B, Ho, Wo, dg, kk, cg] -> tap-major [B, Ho, Wo, kk, C] (channel c = g * cg + i).
-    return cols.transpose(0, 1, 2, 4, 3, 5).reshape(b, ho, wo, kk, c)
+    # [B, Ho, Wo, kk * dg, cg] -> [B, Ho, Wo, kk, C] (channel c = g * cg + i).
+    return cols.reshape(b, ho, wo, kk, c)
 
 
 def modulated_deform_conv(x: jax.Array, offset: jax.Array, mask: jax.Array, kernel: jax.Array,
@@ -134,13 +138,19 @@ def modulated_deform_conv(x: jax.Array, offset: jax.Array, mask: jax.Array, kern
     cols = deform_columns(x, offset, mask, (kh, kw), stride, padding, dilation, deform_groups)
     b, ho, wo = cols.shape[:3]
     # One matmul over (tap, channel) per group: [B*Ho*Wo, kk*C/G] @ [kk*C/G, Cout/G].
-    cols = cols.reshape(b, ho, wo, kh * kw, groups, cin_g)
-    k = kernel.astype(cols.dtype).reshape(kh * kw, cin_g, groups, cout // groups)
+    kk, n = kh * kw, b * ho * wo
+    kernel = kernel.astype(cols.dtype)
     if groups == 1:
-        out = jnp.einsum("bhwtc,tco->bhwo", cols[..., 0, :], k[:, :, 0], precision=precision)
+        out = jnp.dot(cols.reshape(n, kk * c), kernel.reshape(kk * c, cout),
+                      precision=precision)
     else:
-        out = jnp.einsum("bhwtgc,tcgo->bhwgo", cols, k, precision=precision)
-        out = out.reshape(b, ho, wo, cout)
+        # Group-major operands for one batched matmul: [G, N, kk*C/G] @ [G, kk*C/G, Cout/G].
+        cols = cols.reshape(n, kk, groups, cin_g).transpose(2, 0, 1, 3)
+        k = kernel.reshape(kk, cin_g, groups, cout // groups).transpose(2, 0, 1, 3)
+        out = jnp.matmul(cols.reshape(groups, n, kk * cin_g),
+                         k.reshape(groups, kk * cin_g, cout // groups), precision=precision)
+        out = out.transpose(1, 0, 2)
+    out = out.reshape(b, ho, wo, cout)
     if bias is not None:
         out = out + bias.astype(out.dtype)
     return out
