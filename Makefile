@@ -21,8 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
 	if [ -f "$(MMCV_WHEEL)" ] && $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; \
-	then $(PY) -m pip uninstall -y -q mmcv-lite; $(PIP) -e ".[test,parity-ops]" "$(MMCV_WHEEL)"; \
-	else $(PIP) -e ".[test,parity]"; fi
+	then $(PY) -m pip uninstall -y -q mmcv-lite; $(PIP) -e ".[test,parity-ops,export]" "$(MMCV_WHEEL)"; \
+	else $(PIP) -e ".[test,parity,export]"; fi
 	touch $@
 
 test: venv
