@@ -124,3 +124,21 @@ def test_dcn_configs_match_mmdet(mmcv_ops, name, tmp_path_factory):
     del model
     out = jax.jit(jax_model(name).apply)(variables, as_jax(image))
     check(name, out, ref)
+
+
+def test_dcn_checkpoint_conversion_is_strict(light_dcn):
+    """A missing offset predictor, or a DCN checkpoint under the non-DCN config, fails
+    naming the keys (the table has a rule exactly where the config puts DCN)."""
+    model = light_dcn[0]
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    cfg = convert.load_config(str(CONFIGS / "solov2-light_r50-dcn_fpn_ms-3x_coco.py"))
+    key = "mask_head.cls_convs.2.conv.conv_offset.bias"
+    with pytest.raises(convert.ConversionError, match="missing keys \\(1\\)") as err:
+        convert.convert_mmdet({k: v for k, v in sd.items() if k != key}, cfg)
+    assert key in str(err.value)
+    # The same weights under the plain light-R50 config: every conv_offset is unexpected
+    # (and the head's stacked-conv count / scale differ too).
+    plain = convert.load_config(str(CONFIGS / "solov2-light_r50_fpn_ms-3x_coco.py"))
+    with pytest.raises(convert.ConversionError, match="unexpected keys") as err:
+        convert.convert_mmdet(sd, plain)
+    assert "backbone.layer2.0.conv2.conv_offset.weight" in str(err.value)
