@@ -47,7 +47,8 @@ from solov2_jax.structures import local_mesh
 from solov2_jax.targets import batch_targets, target_kwargs
 
 # Batch keys the step uses (image_id etc. stay on the host; int64 would not fit on device).
-STEP_KEYS = ("image", "gt_boxes", "gt_labels", "gt_masks", "gt_centers", "gt_valid")
+STEP_KEYS = ("image", "canvas", "gt_boxes", "gt_labels", "gt_masks", "gt_centers",
+             "gt_valid")
 
 
 @flax.struct.dataclass
@@ -105,12 +106,12 @@ def train_step(state: TrainState, batch: dict, *, model, trainable, target_kw: d
 
     def loss_fn(tp):
         variables = {"params": optim.merge(tp, frozen_p), "batch_stats": state.batch_stats}
-        out = model.apply(variables, batch["image"])
+        out = model.apply(variables, batch["image"], batch["canvas"])
         targets = batch_targets(batch["gt_boxes"], batch["gt_labels"], batch["gt_centers"],
-                                batch["gt_valid"], featmap_hw=out.mask_feats.shape[1:3],
-                                **target_kw)
+                                batch["gt_valid"], batch["canvas"],
+                                featmap_hw=out.mask_feats.shape[1:3], **target_kw)
         losses = solov2_loss(out.kernel_preds, out.cls_preds, out.mask_feats, targets,
-                             batch["gt_masks"], **loss_kw)
+                             batch["gt_masks"], batch["canvas"], **loss_kw)
         return losses["loss"], losses
 
     grads, losses = jax.grad(loss_fn, has_aux=True)(train_p)
@@ -118,14 +119,20 @@ def train_step(state: TrainState, batch: dict, *, model, trainable, target_kw: d
     # Frozen leaves get constant zeros (set_to_zero ignores them; XLA folds them away).
     full_grads = optim.merge(grads, jax.tree.map(jnp.zeros_like, frozen_p))
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, opt_state=opt_state,
-                              params=optax.apply_updates(state.params, updates))
+    params = optax.apply_updates(state.params, updates)
+    # No positive cell anywhere: mmdet's kernel branch got no gradient (None), so torch's
+    # SGD skipped it entirely (no weight decay, no momentum step). Do the same.
+    no_pos = jax.lax.psum(losses["num_pos"], AXIS) == 0
+    params = optim.keep_kernel_branch(no_pos, params, state.params)
+    opt_state = optim.keep_kernel_branch(no_pos, opt_state, state.opt_state)
+    new_state = state.replace(step=state.step + 1, opt_state=opt_state, params=params)
     metrics = dict(losses, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
     return new_state, jax.lax.pmean(metrics, AXIS)
 
 
-def make_p_train_step(config, model, tx, schedule, trainable):
-    """(pmapped train_step donating the state, list of traced per-device image shapes)."""
+def make_p_train_step(config, model, tx, schedule, trainable, devices=None):
+    """(pmapped train_step donating the state, list of traced per-device image shapes);
+    `devices` as jax.pmap's (default: every local device)."""
     traces = []
     step = functools.partial(
         train_step, model=model, trainable=trainable, tx=tx, schedule=schedule,
@@ -140,7 +147,7 @@ def make_p_train_step(config, model, tx, schedule, trainable):
         logging.info("compiling train_step for per-device images %s", batch["image"].shape)
         return step(state, batch)
 
-    return jax.pmap(traced, axis_name=AXIS, donate_argnums=(0,)), traces
+    return jax.pmap(traced, axis_name=AXIS, donate_argnums=(0,), devices=devices), traces
 
 
 def replicate(tree, mesh: jax.sharding.Mesh):

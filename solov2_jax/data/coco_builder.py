@@ -352,6 +352,18 @@ def prepare(coco_dir: str, data_dir: str, name: str | None = None, *, progress=T
     return builder, summary
 
 
+def decode_image(data, height, width):
+    """Encoded bytes -> uint8 [height, width, 3] RGB, decoded by OpenCV as mmdet decodes
+    (accurate IDCT, EXIF orientation applied; `preprocess.decode`), inside tf.data."""
+    import tensorflow as tf
+
+    from solov2_jax.data import preprocess
+
+    image = tf.numpy_function(lambda b: np.ascontiguousarray(preprocess.decode(b)[..., ::-1]),
+                              [data], tf.uint8, stateful=False)
+    return tf.reshape(image, tf.stack([height, width, 3]))
+
+
 def decode_example(example):
     """Raw example (encoded image / PNG masks) -> canonical example; pure TF graph."""
     import tensorflow as tf
@@ -359,8 +371,7 @@ def decode_example(example):
     obj = example["objects"]
     height = tf.cast(example["height"], tf.int32)
     width = tf.cast(example["width"], tf.int32)
-    image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
-    image = tf.ensure_shape(image, [None, None, 3])
+    image = decode_image(example["image"], height, width)
     pngs = obj["mask"]
     n = tf.shape(pngs)[0]
 

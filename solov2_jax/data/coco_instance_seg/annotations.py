@@ -53,6 +53,13 @@ def check_image_bytes(data: bytes) -> tuple[int, int]:
         if im.format not in _IMAGE_FORMATS:
             raise ValueError(f"unsupported format {im.format}")
         size = im.size
+        if im.getexif().get(0x0112, 1) != 1:
+            # EXIF orientation: OpenCV (mmdet's decoder, ours too) turns the pixels, so
+            # its shape is the size that counts.
+            from solov2_jax.data import preprocess
+
+            img = preprocess.decode(data)
+            return img.shape[1], img.shape[0]
         if im.format == "JPEG":
             # DCT-scaled 1/8 decode: ~10x cheaper, still walks the whole entropy stream.
             im.draft("L", (max(1, size[0] // 8), max(1, size[1] // 8)))
