@@ -669,10 +669,20 @@ def main(argv: list[str]) -> int:
         print(__doc__ + "\nflags:\n" + fv.get_help())
         return 0
 
+    class KeepRest:  # cli.parse_flags parses once; keep what absl leaves: the INPUTs
+        rest: list = []
+
+        def __call__(self, args):
+            self.rest = fv(args)
+            return self.rest
+
+        def __getattr__(self, name):
+            return getattr(fv, name)
+
     def parse_and_execute(args):
-        cli.parse_flags(fv, args)
-        inputs = list(fv(args)[1:])  # parsed once above; absl returns the positionals
-        summary = _execute(fv, inputs)
+        parsed = KeepRest()
+        cli.parse_flags(parsed, args)
+        summary = _execute(fv, list(parsed.rest[1:]))
         return 1 if summary["failed"] else 0
 
     return cli.guarded("solov2-predict", parse_and_execute, argv)
