@@ -106,12 +106,12 @@ def train_step(state: TrainState, batch: dict, *, model, trainable, target_kw: d
 
     def loss_fn(tp):
         variables = {"params": optim.merge(tp, frozen_p), "batch_stats": state.batch_stats}
-        out = model.apply(variables, batch["image"], batch["canvas"])
+        out = model.apply(variables, batch["image"], batch.get("canvas"))
         targets = batch_targets(batch["gt_boxes"], batch["gt_labels"], batch["gt_centers"],
-                                batch["gt_valid"], batch["canvas"],
+                                batch["gt_valid"], batch.get("canvas"),
                                 featmap_hw=out.mask_feats.shape[1:3], **target_kw)
         losses = solov2_loss(out.kernel_preds, out.cls_preds, out.mask_feats, targets,
-                             batch["gt_masks"], batch["canvas"], **loss_kw)
+                             batch["gt_masks"], batch.get("canvas"), **loss_kw)
         return losses["loss"], losses
 
     grads, losses = jax.grad(loss_fn, has_aux=True)(train_p)
