@@ -144,7 +144,11 @@ def solov2_config(
     c.train.pretrained = ""  # backbone init from `solov2_jax.convert torchvision`
     c.train.init_checkpoint = ""  # full-model init from `solov2_jax.convert mmdet`
     c.train.max_steps = -1  # >0 stops early (smoke runs)
-    c.train.dtype = "float32"
+    # fp32 | bf16 | fp16: convolutions in that dtype; params, optimiser state, norm
+    # statistics, losses and Matrix NMS in float32; fp16 with dynamic loss scaling
+    # (train.precision also applies to evaluate/predict).
+    c.train.precision = "fp32"
+    c.train.backend = "auto"  # auto | cpu | cuda | ixuca (solov2_jax.backend; --backend)
     # 0: a non-finite loss/grad norm stops training (train.TrainingDiverged). N > 0: up to
     # N such steps are skipped (no update) before stopping.
     c.train.max_nonfinite_skips = 0
@@ -268,6 +272,9 @@ def check_config(c) -> None:
     need("optim.gamma", lambda v: finite(v) and v > 0, "a finite number > 0")
     need("data.flip_prob", lambda v: finite(v) and 0 <= v <= 1, "in [0, 1]")
     need("data.min_size", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+    need("train.precision", lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16")
+    need("train.backend", lambda v: v in ("auto", "cpu", "cuda", "ixuca"),
+         "auto, cpu, cuda or ixuca")
     need("train.max_nonfinite_skips", lambda v: isinstance(v, int) and v >= 0,
          "an integer >= 0")
     need("data.train_scales", lambda v: len(v) > 0 and all(

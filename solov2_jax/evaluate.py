@@ -249,6 +249,9 @@ def _define_flags(fv, argv):
     flags.DEFINE_bool("bbox", False, "also COCO box AP of the masks' tight boxes",
                       flag_values=fv)
     flags.DEFINE_bool("classwise", False, "also mmdet's per-class AP table", flag_values=fv)
+    from solov2_jax import backend
+
+    backend.add_flag(fv)  # --backend {auto,cpu,cuda,ixuca}
 
 
 def _execute(fv) -> dict:
@@ -259,6 +262,9 @@ def _execute(fv) -> dict:
     from solov2_jax.config import check_config
 
     check_config(fv.config)
+    from solov2_jax import backend
+
+    backend.start(backend.configure(backend.requested(fv, fv.config)))
     if not fv.weights and not fv.workdir:
         raise EvaluateError("give --weights DIR and/or --workdir DIR")
     config, name = fv.config, config_flags.get_config_filename(fv["config"])

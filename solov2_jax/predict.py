@@ -625,6 +625,9 @@ def _define_flags(fv, argv):
     flags.DEFINE_integer("max_per_img", None, "overrides config.test.max_per_img",
                          flag_values=fv)
     flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
+    from solov2_jax import backend
+
+    backend.add_flag(fv)  # --backend {auto,cpu,cuda,ixuca}
 
 
 def _execute(fv, inputs: list[str]) -> dict:
@@ -643,6 +646,9 @@ def _execute(fv, inputs: list[str]) -> dict:
         if fv[flag].value is not None:
             config.test[flag] = fv[flag].value
     expand_inputs(inputs)  # a missing input fails before the weights are loaded
+    from solov2_jax import backend
+
+    backend.start(backend.configure(backend.requested(fv, config)))
     variables = load_weights(config, fv.weights or fv.workdir, name)
     predictor = Predictor(config, variables)
     summary = run_predict(predictor, inputs, fv.out, progress=fv.progress)

@@ -39,7 +39,7 @@ import optax
 from absl import logging
 from flax import traverse_util
 
-from solov2_jax import cli, models, optim
+from solov2_jax import backend, cli, models, optim, precision
 from solov2_jax.cli import UserError
 from solov2_jax.losses import loss_kwargs, solov2_loss
 from solov2_jax.structures import DATA_AXIS as AXIS
@@ -298,7 +298,7 @@ def build_training(config, num_images: int, global_batch: int):
         int(config.optim.epochs) * spe
     schedule = optim.learning_rate_schedule(config.optim, steps_per_epoch=spe,
                                             global_batch=global_batch)
-    model = models.build_model(config.model, dtype=config.train.dtype)
+    model = models.build_model(config.model, dtype=precision.compute_dtype(config))
     shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0)))
     trainable = models.trainable_mask(shapes["params"], int(config.model.frozen_stages))
     tx = optim.build_optimizer(config.optim, schedule, trainable)
@@ -471,6 +471,7 @@ def _define_flags(fv, argv):
                       flag_values=fv)
     flags.DEFINE_bool("distributed", False, "multi-host: jax.distributed.initialize()",
                       flag_values=fv)
+    backend.add_flag(fv)
 
 
 def _drop_orbax_info(record) -> bool:
@@ -493,12 +494,11 @@ def _main(argv: list[str]) -> int:
     config = cli.parse_flags(fv, argv)
     if config is None or not fv.workdir:
         raise flags.Error("--config and --workdir are required")
+    plan = backend.configure(backend.requested(fv, config))  # before JAX initialises
     if fv.distributed:
         jax.distributed.initialize()
     logging.get_absl_logger().addFilter(_drop_orbax_info)  # same object: added once
-    logging.info("JAX devices: %d local / %d global, process %d of %d",
-                 jax.local_device_count(), jax.device_count(), jax.process_index(),
-                 jax.process_count())
+    backend.start(plan)  # start-up report: backend, devices, processes
     train_and_evaluate(config, fv.workdir, run_eval=fv.eval)
     return 0
 
