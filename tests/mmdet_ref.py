@@ -96,12 +96,13 @@ def load_config(name: str):
 
 
 def build_model(name: str, seed: int = 0, test_cfg: dict | None = None,
-                num_classes: int | None = None):
+                num_classes: int | None = None, init_weights: bool = True):
     """Builds mmdet's SOLOv2 `name` with random weights and randomised BN/GN statistics.
 
     ResNet's default init makes eval-mode BN ~identity and zeroes the last BN of each
     block, which would make a parity test prove little; every norm layer gets random
-    affine parameters and running statistics instead.
+    affine parameters and running statistics instead. `init_weights=False` skips mmdet's
+    init (slow for the 101-layer models), which `randomise_` overwrites anyway.
     """
     import torch
     from mmdet.registry import MODELS
@@ -113,7 +114,8 @@ def build_model(name: str, seed: int = 0, test_cfg: dict | None = None,
         cfg.model.mask_head.num_classes = num_classes
     torch.manual_seed(seed)
     model = MODELS.build(cfg.model)
-    model.init_weights()
+    if init_weights:
+        model.init_weights()
     randomise_(model, seed + 1)  # also switches to eval mode
     return model, cfg
 

@@ -52,7 +52,8 @@ def run_mmdet(mmdet, name, tmp_path_factory):
     import torch
 
     batch, h, w = CASES[name]
-    model, _ = mmdet.build_model(name, seed=0)
+    # Every parameter and BN statistic is randomised, so mmdet's (slow) init is skipped.
+    model, _ = mmdet.build_model(name, seed=0, init_weights=False)
     pth = tmp_path_factory.mktemp("ckpt") / f"{name}.pth"
     torch.save({"meta": {"note": "random weights"}, "state_dict": model.state_dict()}, pth)
     # The real conversion path: strict about every key and shape (raises otherwise).
