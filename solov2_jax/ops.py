@@ -10,6 +10,8 @@ size inside one static-shape program.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,10 +70,27 @@ def interpolate_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return x[:, iy][:, :, ix]
 
 
+@functools.cache
+def linspace_table(size: int) -> np.ndarray:
+    """[size, size] float32: row n - 1 holds torch.linspace(-1, 1, n) in its first n slots.
+
+    torch fills the first half as start + step * i and the second as end - step * (n-1-i),
+    each with one rounding (a fused multiply-add: float64 here is exact for these
+    products); the canvas size is traced, so every length gets its row.
+    """
+    out = np.zeros((size, size), np.float32)
+    out[0, 0] = -1.0  # torch.linspace(-1, 1, 1) == [-1]
+    for n in range(2, size + 1):
+        step = np.float64(np.float32(2.0 / (n - 1)))
+        i = np.arange(n, dtype=np.float64)
+        out[n - 1, :n] = np.where(i < n // 2, -1.0 + step * i, 1.0 - step * (n - 1 - i))
+    return out
+
+
 def coordinate_channels(batch: int, h: int, w: int, dtype=jnp.float32) -> jax.Array:
     """mmdet `generate_coordinate` in NHWC: [B, h, w, 2] with channels (x, y) in [-1, 1]."""
-    x = jnp.linspace(-1.0, 1.0, w, dtype=dtype)
-    y = jnp.linspace(-1.0, 1.0, h, dtype=dtype)
+    x = jnp.asarray(linspace_table(w)[w - 1], dtype)
+    y = jnp.asarray(linspace_table(h)[h - 1], dtype)
     yy, xx = jnp.meshgrid(y, x, indexing="ij")
     coord = jnp.stack([xx, yy], axis=-1)
     return jnp.broadcast_to(coord[None], (batch, h, w, 2))

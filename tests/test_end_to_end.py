@@ -27,7 +27,6 @@ from solov2_jax import convert, train
 from solov2_jax import evaluate as ev
 from solov2_jax.data import coco_builder, pipeline
 from solov2_jax.data.make_demo import CATEGORIES, make_demo
-from solov2_jax.losses import loss_kwargs  # noqa: F401  (documents what train_step uses)
 from solov2_jax.models import build_model
 from solov2_jax.postprocess import encode_rle
 from tests import mmdet_loops

@@ -116,3 +116,23 @@ def test_matrix_nms_ties_are_stable_and_vmappable():
     np.testing.assert_array_equal(ok.sum(1), [6, 5])
     np.testing.assert_allclose(s[0, :6], scores[0, [1, 4, 0, 2, 3, 5]])
     assert (lab[~ok] == -1).all() and (s[~ok] == 0).all()
+
+
+def test_zero_masks_give_empty_slots():
+    """mmdet returns empty results for no masks; here every slot is empty."""
+    scores, labels, inds, ok = matrix_nms(jnp.zeros((0, 8, 8), bool), jnp.zeros((0,), jnp.int32),
+                                          jnp.zeros((0,), jnp.float32), max_num=5)
+    assert scores.shape == (5,) and not np.asarray(ok).any()
+    assert (np.asarray(labels) == -1).all() and (np.asarray(inds) == -1).all()
+
+
+@pytest.mark.parametrize("arg", ["labels", "scores", "valid", "mask_area"])
+def test_inconsistent_lengths_are_rejected_at_trace_time(arg):
+    """JAX would clamp the out-of-range gather (wrong scores); mmdet raises, so do we."""
+    n = 4
+    args = {"masks": jnp.ones((n, 6, 6), bool), "labels": jnp.zeros((n,), jnp.int32),
+            "scores": jnp.ones((n,)), "valid": jnp.ones((n,), bool),
+            "mask_area": jnp.full((n,), 36.0)}
+    args[arg] = args[arg][:n - 1]
+    with pytest.raises(ValueError, match=f"{arg} has shape"):
+        matrix_nms(**args)

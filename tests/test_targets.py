@@ -284,3 +284,35 @@ def test_targets_light_tight_boxes_every_level(mmdet):
     levels = np.searchsorted(np.cumsum([s * s for s in kwargs["num_grids"]]),
                              ours.pos_cells[0][ours.pos_valid[0]], side="right")
     assert set(levels.tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_canvas_targets_equal_targets_computed_on_the_canvas():
+    """Per-image canvas inside a larger input == the same targets on an input that is the
+    canvas (the thresholds come from the host table row of each canvas length)."""
+    rng = np.random.default_rng(5)
+    n, bucket = 6, (320, 480)
+    canvases = np.array([[224, 320], [320, 480], [96, 448]], np.int32)
+    boxes, centers = [], []
+    for ch, cw in canvases:
+        x0, y0 = rng.uniform(0, cw * 0.7, n), rng.uniform(0, ch * 0.7, n)
+        w, h = rng.uniform(4, cw * 0.5, n), rng.uniform(4, ch * 0.5, n)
+        boxes.append(np.stack([x0, y0, x0 + w, y0 + h], 1))
+        centers.append(np.stack([y0 + h / 2, x0 + w / 2], 1))
+    inputs = {"gt_boxes": np.asarray(boxes, np.float32),
+              "gt_labels": rng.integers(0, 80, (3, n)).astype(np.int32),
+              "gt_centers": np.asarray(centers, np.float32),
+              "gt_valid": rng.random((3, n)) < 0.85}
+    kw = kwargs_for(R50, (bucket[0] // 4, bucket[1] // 4))
+    got = jax.tree_util.tree_map(np.asarray, jax.jit(functools.partial(batch_targets, **kw))(
+        inputs["gt_boxes"], inputs["gt_labels"], inputs["gt_centers"], inputs["gt_valid"],
+        canvases))
+    for i, (ch, cw) in enumerate(canvases):
+        one = {k: v[i:i + 1] for k, v in inputs.items()}
+        want = jax_targets(one, kwargs_for(R50, (ch // 4, cw // 4)))
+        for field in ("labels", "pos_mask", "pos_cells", "pos_instances", "pos_valid",
+                      "num_pos"):
+            np.testing.assert_array_equal(getattr(got, field)[i], getattr(want, field)[0],
+                                          err_msg=f"image {i}: {field}")
+    # A canvas smaller than the input moves cells: the test would see the old behaviour.
+    plain = jax_targets(inputs, kw)
+    assert (plain.labels[0] != got.labels[0]).any()

@@ -71,13 +71,8 @@ def upsample2x(x: jax.Array, valid_hw: jax.Array | None) -> jax.Array:
 
 
 def _linspace(n: jax.Array, size: int, dtype) -> jax.Array:
-    """torch.linspace(-1, 1, n) on the first n of `size` slots (float32 arithmetic as torch)."""
-    idx = jnp.arange(size, dtype=jnp.float32)
-    nf = n.astype(jnp.float32)
-    step = 2.0 / jnp.maximum(nf - 1.0, 1.0)
-    # torch fills the first half from the start, the second half from the end.
-    v = jnp.where(jnp.arange(size) < n // 2, -1.0 + step * idx, 1.0 - step * (nf - 1.0 - idx))
-    return jnp.where(n == 1, -1.0, v).astype(dtype)
+    """torch.linspace(-1, 1, n) on the first n of `size` slots (traced n >= 1)."""
+    return jnp.asarray(ops.linspace_table(size))[jnp.clip(n, 1, size) - 1].astype(dtype)
 
 
 def coordinates(valid_hw: jax.Array, hw: tuple[int, int], dtype=jnp.float32) -> jax.Array:

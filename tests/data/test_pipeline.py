@@ -235,3 +235,17 @@ def test_demo_dataset_with_tiny_config(tmp_path):
         assert b["gt_labels"].max() < 4
     ev = _take(pipeline.eval_dataset(builder, cfg, num_local_devices=8), 10)
     assert sum(int(b["valid"].sum()) for b in ev) == 5
+
+
+def test_canvas_and_epoch_size_as_mmdet(coco, mmdet):
+    """`canvas` = the device batch's largest img_shape rounded up to 32 (mmdet's
+    pad_size_divisor per batch); the epoch counts the images mmdet's filter keeps."""
+    coco_dir, builder = coco
+    cfg = _cfg(per_device_batch=2)
+    assert pipeline.count_train_images(builder, cfg) == len(
+        _mmdet_train_ids(mmdet, coco_dir, cfg.min_size))
+    assert pipeline.count_train_images(builder, cfg) < builder.info.splits["train"].num_examples
+    for b in _take(pipeline.train_dataset(builder, cfg, num_local_devices=2, seed=0), 3):
+        top = -(-b["img_shape"].max(axis=1, keepdims=True) // 32) * 32  # [D, 1, 2]
+        np.testing.assert_array_equal(b["canvas"], np.broadcast_to(top, b["canvas"].shape))
+        assert (b["canvas"] <= np.asarray(b["image"].shape[2:4])).all()
