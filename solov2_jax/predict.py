@@ -384,13 +384,14 @@ class Predictor:
 
     Predictor(config, variables): `config` a full ConfigDict (`model`, `test`, `data`),
     `variables` {'params', 'batch_stats'}. `devices` (default: all local devices) run
-    data parallel, each on `data.eval_per_device_batch` images per call. `out_hw`
+    data parallel, each on `per_device_batch` (default `data.eval_per_device_batch`)
+    images per call. `out_hw`
     {portrait: (Ho, Wo)} fixes the output canvas per orientation (an image larger than it
     is an ImageError); by default it grows with the images (see the module docstring).
     """
 
     def __init__(self, config, variables, *, devices: Sequence[jax.Device] | None = None,
-                 out_hw: dict | None = None):
+                 out_hw: dict | None = None, per_device_batch: int | None = None):
         self.config = config
         self.program = program(config, devices)
         self.variables = self.program.replicate(variables)
@@ -401,7 +402,7 @@ class Predictor:
         from solov2_jax.data.transforms import bucket_shapes
 
         self.input_shapes = bucket_shapes([self.scale], self.divisor)  # [landscape, portrait]
-        self.per_device = int(data.eval_per_device_batch)
+        self.per_device = int(per_device_batch or data.eval_per_device_batch)
         self.batch_size = self.per_device * len(self.program.devices)
         self.classes = class_info(config)
         self.fixed_out_hw = out_hw is not None
@@ -554,7 +555,7 @@ def _output_names(paths: Sequence[str]) -> list[str]:
 
 
 def run_predict(predictor: Predictor, inputs: Sequence[str], out_dir: str, *,
-                progress: bool = True) -> dict:
+                progress: bool = True, min_side: int = 0) -> dict:
     """Writes overlays, per-image JSONs and results.json; returns a summary dict with
     'images', 'instances', 'failed' [(path, message)], 'seconds', 'compiled_programs'."""
     from tqdm import tqdm
@@ -593,7 +594,7 @@ def run_predict(predictor: Predictor, inputs: Sequence[str], out_dir: str, *,
                  "instances": insts}, indent=1))
             overlay = visualize.draw_instances(
                 img[..., ::-1], pred.masks, pred.labels, pred.scores,
-                [c["name"] for c in predictor.classes], boxes=pred.boxes)
+                [c["name"] for c in predictor.classes], boxes=pred.boxes, min_side=min_side)
             visualize.save_png(os.path.join(out_dir, f"{names[i]}.png"), overlay)
             for inst in insts:
                 x1, y1, x2, y2 = inst["bbox"]
@@ -625,6 +626,8 @@ def _define_flags(fv, argv):
     flags.DEFINE_integer("max_per_img", None, "overrides config.test.max_per_img",
                          flag_values=fv)
     flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
+    flags.DEFINE_integer("min_side", 0, "overlays of images with a shorter side are "
+                         "enlarged (pixels repeated) to at least this", flag_values=fv)
     from solov2_jax import backend
 
     backend.add_flag(fv)  # --backend {auto,cpu,cuda,ixuca}
@@ -646,12 +649,16 @@ def _execute(fv, inputs: list[str]) -> dict:
         if fv[flag].value is not None:
             config.test[flag] = fv[flag].value
     expand_inputs(inputs)  # a missing input fails before the weights are loaded
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # no orbax/TF INFO lines between results
     from solov2_jax import backend
 
     backend.start(backend.configure(backend.requested(fv, config)))
     variables = load_weights(config, fv.weights or fv.workdir, name)
     predictor = Predictor(config, variables)
-    summary = run_predict(predictor, inputs, fv.out, progress=fv.progress)
+    summary = run_predict(predictor, inputs, fv.out, progress=fv.progress,
+                          min_side=fv.min_side)
     print(f"solov2-predict: {summary['images']} images, {summary['instances']} instances "
           f"in {summary['seconds']:.1f}s ({summary['compiled_programs']} compiled programs) "
           f"-> {os.path.abspath(fv.out)}")

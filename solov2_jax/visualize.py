@@ -49,13 +49,16 @@ def _tag(img: np.ndarray, text: str, x: int, y: int, color, scale: float, thick:
 
 def draw_instances(image: np.ndarray, masks, labels, scores, class_names: Sequence[str],
                    boxes=None, *, alpha: float = 0.5, legend: bool = True,
-                   max_legend: int = 24, title: str | None = None) -> np.ndarray:
+                   max_legend: int = 24, title: str | None = None,
+                   min_side: int = 0) -> np.ndarray:
     """RGB uint8 [H, W, 3] with every instance drawn; returns a new image.
 
     masks [N, H, W] bool, labels [N] int (index into class_names), scores [N] float or
     None (ground truth: no score), boxes [N, 4] xyxy or None (computed from the masks).
     Instance i gets colour palette(N)[i]; the legend lists "i name score" per instance
-    (the first max_legend, then "+k more").
+    (the first max_legend, then "+k more"). A picture whose short side is below
+    `min_side` is enlarged by an integer factor first (pixels repeated, so masks stay
+    exact) to leave room for the text.
     """
     img = np.ascontiguousarray(np.asarray(image, np.uint8)[..., :3]).copy()
     h, w = img.shape[:2]
@@ -67,6 +70,12 @@ def draw_instances(image: np.ndarray, masks, labels, scores, class_names: Sequen
 
         boxes = mask_boxes(masks, xp=np) if n else np.zeros((0, 4), np.float32)
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    f = -(-int(min_side) // min(h, w)) if min_side and min(h, w) < min_side else 1
+    if f > 1:
+        img = img.repeat(f, axis=0).repeat(f, axis=1)
+        masks = masks.repeat(f, axis=1).repeat(f, axis=2)
+        boxes = boxes * f
+        h, w = img.shape[:2]
     colors = palette(n)
     scale, thick = _text_scale(h, w)
     line = max(1, int(round(min(h, w) / 300)))
