@@ -38,6 +38,7 @@ StableHLO composite `lax.top_k` lowers to) and is not provided.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -90,10 +91,37 @@ def _bound_infer(config, variables, out_hw):
 
 def export_jax(config, variables, input_hw, out_hw,
                platforms: Sequence[str] = ("cpu", "cuda")) -> jax.export.Exported:
-    """`jax.export` of the bound inference function for one bucket, symbolic batch `b`."""
+    """`jax.export` of `infer(variables, image, img_shape, ori_shape, canvas)` for one
+    bucket, symbolic batch `b`. The variables are an argument, not constants: XLA then
+    compiles the same arithmetic as in-process inference (with constant weights it folds
+    e.g. BatchNorm into them, which moved a few mask pixels at the threshold)."""
+    from solov2_jax.predict import infer_fn
+
     (b,) = jax.export.symbolic_shape("b")
-    fn = jax.jit(_bound_infer(config, variables, out_hw))
-    return jax.export.export(fn, platforms=tuple(platforms))(*_input_specs(input_hw, b))
+    fn = jax.jit(infer_fn(config.model, config.test, out_hw))
+    var_specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                             variables)
+    return jax.export.export(fn, platforms=tuple(platforms))(
+        var_specs, *_input_specs(input_hw, b))
+
+
+def save_weights(path: str, variables) -> None:
+    """Variables as one .npz, keys '/'-joined paths ('params/backbone/conv1/kernel')."""
+    from flax import traverse_util
+
+    from solov2_jax.checkpoint import atomic_write
+
+    flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, dict(variables)), sep="/")
+    buf = io.BytesIO()
+    np.savez(buf, **flat)
+    atomic_write(path, buf.getvalue())
+
+
+def load_weights(path: str) -> dict:
+    from flax import traverse_util
+
+    with np.load(path) as data:
+        return traverse_util.unflatten_dict({k: data[k] for k in data.files}, sep="/")
 
 
 def _patch_jax2onnx_rem():
@@ -157,6 +185,7 @@ def export(config, variables, out_dir: str, *, platforms: Sequence[str] = ("cpu"
 
     os.makedirs(out_dir, exist_ok=True)
     buckets = bucket_specs(config, max_side)
+    save_weights(os.path.join(out_dir, "weights.npz"), variables)
     exported = None
     for bucket in buckets:
         exported = export_jax(config, variables, bucket["input_hw"], bucket["out_hw"],
@@ -224,6 +253,7 @@ class ExportedModel:
         self.buckets = self.meta["buckets"]
         self.classes = self.meta["classes"]
         self._run = {}  # bucket name -> runner, loaded on first use
+        self._variables = None  # weights.npz, for the jax runtime
 
     def _runner(self, name: str):
         if name not in self._run:
@@ -244,9 +274,15 @@ class ExportedModel:
     def _load_jax(self, bucket):
         with open(self._artifact(bucket, "jax"), "rb") as f:
             exported = jax.export.deserialize(bytearray(f.read()))
+        if self._variables is None:
+            path = os.path.join(self.directory, "weights.npz")
+            if not os.path.isfile(path):
+                raise ExportError(f"{path}: not found")
+            self._variables = jax.device_put(load_weights(path))
+        variables = self._variables
 
         def run(*args):
-            return {k: np.asarray(v) for k, v in exported.call(*args).items()}
+            return {k: np.asarray(v) for k, v in exported.call(variables, *args).items()}
 
         return run
 
