@@ -24,6 +24,10 @@ from solov2_jax.models.solov2_head import dcn_stacked_conv_indices
 # Source keys that have no Flax counterpart and are dropped on purpose.
 IGNORED_SUFFIXES = (".num_batches_tracked",)  # BN step counter; inference BN never uses it
 TORCHVISION_IGNORED = (re.compile(r"^fc\.(weight|bias)$"),)  # ImageNet classifier
+# ImageNet ResNe(X)t checkpoints have no DCN offset predictors; as in mmdet (ResNet's
+# init_weights zeroes `conv2.conv_offset`, and loading the ImageNet weights leaves them),
+# they start at zero when a DCN backbone is initialised from such a checkpoint.
+TORCHVISION_ZERO_INIT = (re.compile(r"^layer\d+\.\d+\.conv2\.conv_offset\.(weight|bias)$"),)
 
 
 def conv_kernel(w: np.ndarray) -> np.ndarray:
@@ -182,9 +186,20 @@ def solov2_table_for(model) -> dict[str, Target]:
                         model.head_dcn, model.mask_feature_dcn)
 
 
-def torchvision_resnet_table(depth: int) -> dict[str, Target]:
-    """torchvision ResNet state_dict -> {'params', 'batch_stats'} of `models.ResNet`."""
-    return expand((("", "", BACKBONE_RULES),), index_sets(depth))
+def torchvision_resnet_table(depth: int, stage_with_dcn=(False, False, False, False)
+                             ) -> dict[str, Target]:
+    """torchvision ResNet state_dict -> {'params', 'batch_stats'} of `models.ResNet`.
+
+    ResNeXt checkpoints use the same keys; with DCN stages the table also has the
+    `conv_offset` leaves, which such checkpoints lack (`zero_init_if_absent`).
+    """
+    return expand((("", "", BACKBONE_RULES),),
+                  index_sets(depth, stage_with_dcn=tuple(stage_with_dcn)))
+
+
+def zero_init_if_absent(key: str, torchvision: bool = False) -> bool:
+    """Table keys an ImageNet checkpoint may lack, filled with zeros (`TORCHVISION_ZERO_INIT`)."""
+    return torchvision and any(p.match(key) for p in TORCHVISION_ZERO_INIT)
 
 
 def is_ignored(key: str, torchvision: bool = False) -> bool:

@@ -124,18 +124,23 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], table: Mapping[str,
     """Applies `table` strictly; returns {'params': ..., 'batch_stats': ...} (numpy).
 
     `expected` is `variable_shapes(model)`. Raises `ConversionError` listing every
-    missing, unexpected and mis-shaped key.
+    missing, unexpected and mis-shaped key. With `torchvision`, the DCN offset
+    predictors an ImageNet checkpoint lacks are zeros (`ct.zero_init_if_absent`).
     """
     targets = {(t.collection, *t.path): key for key, t in table.items()}
     # A model leaf with no rule (or a rule with no leaf) is a table/config mismatch.
     unmapped = sorted("/".join(p) for p in expected.keys() - targets.keys())
     stale = sorted("/".join(p) for p in targets.keys() - expected.keys())
-    missing = sorted(k for k in table if k not in state_dict)
+    missing = sorted(k for k in table
+                     if k not in state_dict and not ct.zero_init_if_absent(k, torchvision))
     unexpected = sorted(k for k in state_dict
                         if k not in table and not ct.is_ignored(k, torchvision))
     misshaped, flat = [], {}
     for key, target in table.items():
         path = (target.collection, *target.path)
+        if key not in state_dict and path in expected and ct.zero_init_if_absent(
+                key, torchvision):
+            flat[path] = np.zeros(expected[path], np.float32)
         if key not in state_dict or path not in expected:
             continue
         value = np.asarray(target.transform(state_dict[key]), dtype=np.float32)
@@ -167,13 +172,21 @@ def convert_mmdet(state_dict: Mapping[str, np.ndarray], config) -> dict:
     return convert_state_dict(state_dict, table, variable_shapes(model))
 
 
-def convert_torchvision(state_dict: Mapping[str, np.ndarray], depth: int) -> dict:
-    """torchvision ResNet state_dict -> variables of `models.ResNet(depth)` (the backbone)."""
+def convert_torchvision(state_dict: Mapping[str, np.ndarray], depth: int, groups: int = 1,
+                        base_width: int = 4, stage_with_dcn=(False, False, False, False)
+                        ) -> dict:
+    """torchvision ResNet state_dict -> variables of `models.ResNet(depth)` (the backbone).
+
+    `groups`/`base_width` give a ResNeXt (same keys, grouped shapes); `stage_with_dcn`
+    a DCN backbone, whose offset predictors (absent from ImageNet checkpoints) start at
+    zero as in mmdet.
+    """
     from solov2_jax.models import ResNet
 
-    table = ct.torchvision_resnet_table(depth)
-    return convert_state_dict(state_dict, table, variable_shapes(ResNet(depth=depth)),
-                              torchvision=True)
+    table = ct.torchvision_resnet_table(depth, stage_with_dcn)
+    model = ResNet(depth=depth, groups=groups, base_width=base_width,
+                   stage_with_dcn=tuple(stage_with_dcn))
+    return convert_state_dict(state_dict, table, variable_shapes(model), torchvision=True)
 
 
 def convert_mmdet_checkpoint(config, checkpoint: str, allow_pickle: bool = False) -> dict:
@@ -184,9 +197,12 @@ def convert_mmdet_checkpoint(config, checkpoint: str, allow_pickle: bool = False
 
 
 def convert_torchvision_checkpoint(depth: int, checkpoint: str,
-                                   allow_pickle: bool = False) -> dict:
-    """Reads a torchvision ResNet `.pth` and converts it to backbone variables."""
-    return convert_torchvision(load_torch_state_dict(checkpoint, allow_pickle), depth)
+                                   allow_pickle: bool = False, **arch) -> dict:
+    """Reads a torchvision ResNet `.pth` and converts it to backbone variables.
+
+    `arch`: `groups`, `base_width`, `stage_with_dcn` as in `convert_torchvision`.
+    """
+    return convert_torchvision(load_torch_state_dict(checkpoint, allow_pickle), depth, **arch)
 
 
 def save_variables(path: str, variables: Mapping[str, Any], force: bool = False) -> str:
@@ -246,7 +262,10 @@ def _parser() -> argparse.ArgumentParser:
                     "layer1.0.conv1.weight, ..., fc.*) into backbone variables, read by "
                     "`load_backbone_init`. Example: solov2-convert torchvision --depth 50 "
                     "--checkpoint resnet50-0676ba61.pth --out ckpt/resnet50_init")
-    tv.add_argument("--depth", type=int, required=True, choices=(18, 34, 50, 101))
+    arch = tv.add_mutually_exclusive_group(required=True)
+    arch.add_argument("--depth", type=int, choices=(18, 34, 50, 101))
+    arch.add_argument("--config", help="configs/<name>.py whose backbone to initialise "
+                      "(depth, ResNeXt groups, DCN stages: offset predictors start at 0)")
     for p in (mm, tv):
         p.add_argument("--checkpoint", required=True, help="input .pth file")
         p.add_argument("--out", required=True, help="output orbax checkpoint directory")
@@ -281,8 +300,15 @@ def _main(argv: list[str] | None) -> int:
         variables = convert_mmdet_checkpoint(args.config, args.checkpoint,
                                              args.allow_pickle)
     else:
-        variables = convert_torchvision_checkpoint(args.depth, args.checkpoint,
-                                                   args.allow_pickle)
+        if args.config:
+            m = load_config(args.config).model
+            arch = dict(depth=int(m.depth), groups=int(m.get("groups", 1)),
+                        base_width=int(m.get("base_width", 4)),
+                        stage_with_dcn=tuple(m.get("stage_with_dcn", (False,) * 4)))
+        else:
+            arch = dict(depth=args.depth)
+        variables = convert_torchvision_checkpoint(checkpoint=args.checkpoint,
+                                                   allow_pickle=args.allow_pickle, **arch)
     out = save_variables(args.out, variables, force=args.force)
     n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
     print(f"wrote {out} ({n:,} parameters)")
