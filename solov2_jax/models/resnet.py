@@ -1,4 +1,5 @@
-"""ResNet-18/34/50/101 backbone, pytorch style, matching mmdet 3.3.0 `ResNet`.
+"""ResNet-18/34/50/101 backbone, pytorch style, matching mmdet 3.3.0 `ResNet` (and
+`ResNeXt`, and DCNv2 bottlenecks as in mmdet's `dcn=` / `stage_with_dcn=`).
 
 Layout follows the Flax ImageNet example; submodule names mirror mmdet's state_dict
 (`conv1`, `bn1`, `layer{s}_{b}/conv{c}`, `layer{s}_{b}/bn{c}`, `layer{s}_0/downsample_0|1`)
