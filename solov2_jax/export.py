@@ -38,6 +38,7 @@ StableHLO composite `lax.top_k` lowers to) and is not provided.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -147,6 +148,30 @@ def _patch_jax2onnx_rem():
     rem.ir = _IR()
 
 
+@contextlib.contextmanager
+def _onnx_safe_model():
+    """jax2onnx 0.13 mis-lowers a row gather under vmap with a symbolic batch (the
+    canvas coordinates' `linspace_table(size)[n - 1]`): it reshapes the [b, 1, 2] gather
+    indices to [2b, 1] while declaring [b, 1], and ONNX Runtime stops with "Shape
+    mismatch attempting to re-use buffer". For the ONNX trace only, the row is selected
+    with a one-hot sum instead (the same values: one table entry plus zeros)."""
+    from solov2_jax import ops
+    from solov2_jax.models import canvas
+
+    original = canvas._linspace
+
+    def one_hot_linspace(n, size, dtype):
+        table = jnp.asarray(ops.linspace_table(size))
+        pick = jnp.arange(size) == jnp.clip(n, 1, size) - 1
+        return jnp.where(pick[:, None], table, 0.0).sum(axis=0).astype(dtype)
+
+    canvas._linspace = one_hot_linspace
+    try:
+        yield
+    finally:
+        canvas._linspace = original
+
+
 def export_onnx(config, variables, input_hw, out_hw, path: str) -> str:
     """ONNX (jax2onnx, opset 23) of the bound inference function, symbolic batch 'b'."""
     try:
@@ -165,9 +190,10 @@ def export_onnx(config, variables, input_hw, out_hw, path: str) -> str:
     # that in-process inference uses (and ours out of its trace).
     jax.clear_caches()
     try:
-        model = jax2onnx.to_onnx(_bound_infer(config, variables, out_hw),
-                                 _input_specs(input_hw, b), model_name="solov2",
-                                 input_names=list(INPUTS), output_names=list(OUTPUTS))
+        with _onnx_safe_model():
+            model = jax2onnx.to_onnx(_bound_infer(config, variables, out_hw),
+                                     _input_specs(input_hw, b), model_name="solov2",
+                                     input_names=list(INPUTS), output_names=list(OUTPUTS))
     finally:
         jax.clear_caches()
     onnx.save(model, path)
