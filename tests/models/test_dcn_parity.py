@@ -143,3 +143,55 @@ def test_dcn_checkpoint_conversion_is_strict(light_dcn):
     with pytest.raises(convert.ConversionError, match="unexpected keys") as err:
         convert.convert_mmdet(sd, plain)
     assert "backbone.layer2.0.conv2.conv_offset.weight" in str(err.value)
+
+
+def test_small_dcn_head_matches_mmdet_also_on_a_canvas(mmcv_ops):
+    """SOLOV2Head with DCN in every stacked conv and every mask-feature conv (incl. the
+    1x1 conv_pred), small widths; then the same maps inside larger ones whose outside is
+    random (not zero): DCN inputs must be masked to the canvas, also before a 1x1 DCN."""
+    import torch
+    from mmdet.registry import MODELS
+
+    from solov2_jax import conversion_table as ct
+    from solov2_jax.models import SOLOV2Head
+    from tests.models.parity_utils import convert_module, randomise_
+
+    grids = (10, 8, 6, 4, 3)
+    gn = dict(type="GN", num_groups=8, requires_grad=True)
+    torch.manual_seed(0)
+    tm = MODELS.build(dict(
+        type="SOLOV2Head", num_classes=3, in_channels=16, feat_channels=32, stacked_convs=2,
+        strides=[8, 8, 16, 32, 32], num_grids=list(grids), norm_cfg=gn,
+        dcn_cfg=dict(type="DCNv2"), dcn_apply_to_all_conv=True,
+        mask_feature_head=dict(feat_channels=16, start_level=0, end_level=3, out_channels=24,
+                               mask_stride=4, norm_cfg=gn, conv_cfg=dict(type="DCNv2"))))
+    randomise_(tm, seed=7)
+    assert hasattr(tm.mask_feature_head.conv_pred.conv, "conv_offset")
+    sd = {k: v.numpy() for k, v in tm.state_dict().items()}
+    # FPN levels of a 64 x 96 canvas, and of a 128 x 160 input holding it.
+    sizes = [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
+    big_sizes = [(32, 40), (16, 20), (8, 10), (4, 5), (2, 3)]
+    rng = np.random.default_rng(0)
+    feats = [rng.standard_normal((2, h, w, 16)).astype(np.float32) for h, w in sizes]
+    big = [rng.standard_normal((2, h, w, 16)).astype(np.float32) for h, w in big_sizes]
+    for b, f in zip(big, feats, strict=True):
+        b[:, : f.shape[1], : f.shape[2]] = f
+    module = SOLOV2Head(num_classes=3, feat_channels=32, stacked_convs=2, num_grids=grids,
+                        gn_groups=8, mask_feature_channels=16, mask_out_channels=24,
+                        head_dcn="all", mask_feature_dcn=True,
+                        precision=jax.lax.Precision.HIGHEST)
+    variables = convert_module(module, [as_jax(f) for f in feats], sd,
+                               (("", "", ct.HEAD_RULES),),
+                               ct.index_sets(18, stacked_convs=2, head_dcn="all",
+                                             mask_feature_dcn=True))
+    with torch.no_grad():
+        ref_k, ref_c, ref_m = tm([mmcv_ops.to_nchw(f) for f in feats])
+    apply = jax.jit(module.apply)
+    canvas_hw = np.array([[64, 96], [64, 96]], np.int32)
+    for label, out in (("plain", apply(variables, [as_jax(f) for f in feats])),
+                       ("canvas", apply(variables, [as_jax(f) for f in big], canvas_hw))):
+        kernels, cls, mask_feats = out
+        errors = {"mask_feats": rel_err(mask_feats[:, :16, :24], ref_m)}
+        for i, (k, c, rk, rc) in enumerate(zip(kernels, cls, ref_k, ref_c, strict=True)):
+            errors[f"kernel[{i}]"], errors[f"cls[{i}]"] = rel_err(k, rk), rel_err(c, rc)
+        assert max(errors.values()) <= TOL, (label, errors)
