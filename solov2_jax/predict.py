@@ -7,7 +7,8 @@ INPUT: image files, directories (their images, not recursive) or globs. For ever
 it writes <DIR>/<name>.png (an overlay: each instance's mask in its own colour with its
 outline, class name and score, and a legend) and <DIR>/<name>.json (every instance: COCO
 RLE mask, bbox xyxy, score, category id and name); and <DIR>/results.json, the COCO
-results file of the whole run (segmentation + bbox xywh). An image that cannot be read is
+results file of the whole run (segmentation + bbox xywh; `image_id` is the output name,
+`file_name` the input's, as the images have no COCO ids). An image that cannot be read is
 reported in one line, the run goes on, and the failures are listed at the end (exit 1).
 Test thresholds are overridable (`--score-thr`, `--mask-thr`, or any
 `--config.test.<name>=`).
@@ -106,7 +107,7 @@ def mask_boxes(masks, xp=jnp):
     return xp.where(rows.any(axis=-1)[..., None], boxes, xp.zeros((), xp.float32))
 
 
-def infer_fn(model_cfg, test_cfg, out_hw: Sequence[int]):
+def infer_fn(model_cfg, test_cfg, out_hw: Sequence[int], precision: str = "fp32"):
     """`infer(variables, image, img_shape, ori_shape, canvas) -> dict` for one device.
 
     Inputs are one device batch (`structures.EVAL_KEYS` shapes, [B, ...]). Returns masks
@@ -114,11 +115,14 @@ def infer_fn(model_cfg, test_cfg, out_hw: Sequence[int]):
     [B, K] float32, labels [B, K] int32 (-1 empty) and valid [B, K] bool, in mmdet's
     order. The same function is pmapped by `Program` and serialised by `export`.
     """
-    model = build_model(model_cfg)
+    from solov2_jax import precision as precision_lib
+
+    # train.precision: convolutions in bf16/fp16, post-processing (Matrix NMS) in float32
+    model = build_model(model_cfg, dtype=precision_lib.DTYPES[precision])
     post = postprocess_fn(test_cfg, model_cfg, tuple(int(v) for v in out_hw))
 
     def infer(variables, image, img_shape, ori_shape, canvas):
-        out = model.apply(variables, image, canvas)
+        out = precision_lib.to_float32(model.apply(variables, image, canvas))
         dets = post(out.kernel_preds, out.cls_preds, out.mask_feats, img_shape, ori_shape,
                     canvas)
         return {"masks": dets.masks, "boxes": mask_boxes(dets.masks), "scores": dets.scores,
@@ -136,8 +140,9 @@ class Program:
     executable per (input shape, out_hw); `num_traces` counts them.
     """
 
-    def __init__(self, model_cfg, test_cfg, devices: Sequence[jax.Device]):
-        self.model_cfg, self.test_cfg = model_cfg, test_cfg
+    def __init__(self, model_cfg, test_cfg, devices: Sequence[jax.Device],
+                 precision: str = "fp32"):
+        self.model_cfg, self.test_cfg, self.precision = model_cfg, test_cfg, precision
         self.devices = tuple(devices)
         self.mesh = local_mesh(self.devices)
         self.num_traces = 0
@@ -146,7 +151,7 @@ class Program:
 
     def _forward(self, variables, image, img_shape, ori_shape, canvas, out_hw):
         self.num_traces += 1  # runs only while tracing
-        out = infer_fn(self.model_cfg, self.test_cfg, out_hw)(
+        out = infer_fn(self.model_cfg, self.test_cfg, out_hw, self.precision)(
             variables, image, img_shape, ori_shape, canvas)
         return {**out, "masks": jnp.packbits(out["masks"], axis=-1)}
 
@@ -164,13 +169,14 @@ class Program:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_program(model_json: str, test_json: str, device_ids: tuple[int, ...]) -> Program:
+def _cached_program(model_json: str, test_json: str, device_ids: tuple[int, ...],
+                    precision: str = "fp32") -> Program:
     import ml_collections
 
     by_id = {d.id: d for d in jax.local_devices()}
     return Program(ml_collections.ConfigDict(json.loads(model_json)),
                    ml_collections.ConfigDict(json.loads(test_json)),
-                   [by_id[i] for i in device_ids])
+                   [by_id[i] for i in device_ids], precision)
 
 
 def program(config, devices: Sequence[jax.Device] | None = None) -> Program:
@@ -178,7 +184,9 @@ def program(config, devices: Sequence[jax.Device] | None = None) -> Program:
     all local devices); compiled programs are reused by every Predictor and evaluation."""
     devices = jax.local_devices() if devices is None else list(devices)
     return _cached_program(config.model.to_json(sort_keys=True),
-                           config.test.to_json(sort_keys=True), tuple(d.id for d in devices))
+                           config.test.to_json(sort_keys=True), tuple(d.id for d in devices),
+                           str(config.train.get("precision", "fp32")) if "train" in config
+                           else "fp32")
 
 
 # ---------------------------------------------------------------------------------------
