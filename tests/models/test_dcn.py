@@ -190,3 +190,29 @@ def test_module_matches_mmcv_pack(mmcv_ops, stride, groups):
           + ", ".join(f"{k}={v:.1e}" for k, v in errors.items()))
     assert errors.pop("forward") <= FWD_TOL
     assert all(v <= GRAD_TOL for v in errors.values()), errors
+
+
+def test_initialisation_follows_mmdet():
+    """mmdet's SOLOv2 head re-initialises every Conv2d with N(0, 0.01), which includes a
+    DCN's conv_offset but not its own weight (mmcv's U(+-1/sqrt(Cin*k*k))); the backbone
+    keeps conv_offset at zero (ResNet.init_weights)."""
+    from solov2_jax.models.layers import ConvModule
+    from solov2_jax.models.resnet import ResNet
+
+    x = jnp.zeros((1, 8, 8, 64))
+    params = ConvModule(32, 3, gn_groups=8, dcn=True).init(jax.random.PRNGKey(0), x)["params"]
+    assert set(params["conv"]) == {"kernel", "conv_offset"}  # bias='auto': none before GN
+    offset = np.asarray(params["conv"]["conv_offset"]["kernel"])
+    assert 0.009 < offset.std() < 0.011
+    kernel = np.asarray(params["conv"]["kernel"])
+    bound = 1 / np.sqrt(64 * 9)
+    assert np.abs(kernel).max() <= bound and kernel.std() > 0.8 * bound / np.sqrt(3)
+
+    shapes = jax.eval_shape(ResNet(depth=50, stage_with_dcn=(False, True, True, True)).init,
+                            jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 64, 64, 3),
+                                                                        jnp.float32))
+    assert "conv_offset" not in shapes["params"]["layer1_0"]["conv2"]
+    assert shapes["params"]["layer4_2"]["conv2"]["conv_offset"]["kernel"].shape == (
+        3, 3, 512, 27)
+    # The backbone's DCNs use the module default (zeros), also checked by
+    # test_fresh_module_is_a_plain_conv_and_has_mmcv_names.
