@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging as logging_std
 import math
 import os
 import shutil
@@ -44,6 +45,28 @@ _CORRUPT_DIR = "checkpoints_corrupt"
 # Files orbax writes into a checkpoint it created (any one identifies a checkpoint).
 _ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "checkpoint",
                   "_sharding", "commit_success.txt")
+
+
+def _is_orphaned_read_error(record) -> bool:
+    """asyncio's 'Task/Future exception was never retrieved' for a tensorstore read of a
+    damaged checkpoint: orbax gives up on the first failed array and leaves the others'
+    futures unawaited; each is logged at garbage collection with a long traceback that
+    buries the one-line report. Only those records are dropped."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None and record.args and isinstance(record.args, dict):
+        exc = record.args.get("exception")
+    return ("exception was never retrieved" in str(record.msg) and exc is not None
+            and ("tensorstore_spec" in str(exc) or "OCDBT database" in str(exc)))
+
+
+class _DropOrphanedReadErrors(logging_std.Filter):
+    def filter(self, record) -> bool:
+        return not _is_orphaned_read_error(record)
+
+
+if not any(isinstance(f, _DropOrphanedReadErrors)
+           for f in logging_std.getLogger("asyncio").filters):
+    logging_std.getLogger("asyncio").addFilter(_DropOrphanedReadErrors())
 
 
 class CheckpointError(UserError):
