@@ -8,6 +8,7 @@ model's outputs are cast back to float32 before targets, losses and Matrix NMS.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -26,3 +27,58 @@ def name(config) -> str:
 def compute_dtype(config):
     """The convolutions' dtype of config.train.precision."""
     return DTYPES[name(config)]
+
+
+def to_float32(tree):
+    """Floating leaves of `tree` (e.g. a SOLOv2Output) as float32; others unchanged."""
+    return jax.tree.map(
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+# fp16 optimiser state: {"tx": the optax state, "loss_scale": {"scale", "counter",
+# "skipped"}}: plain float32/int32 arrays (not jmp's dataclass), so checkpoints stay plain
+# pytrees; jmp.DynamicLossScale is rebuilt from them inside the step.
+
+
+def init_loss_scaled(tx_state, config) -> dict:
+    """fp16 optimiser state: the optax state plus jmp's dynamic loss scale (initial scale
+    train.loss_scale_init) and the count of steps skipped for overflowing gradients."""
+    return {"tx": tx_state, "loss_scale": {
+        "scale": jnp.asarray(float(config.train.get("loss_scale_init", 2.0**15)), jnp.float32),
+        "counter": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}}
+
+
+def loss_scale_period(config) -> int:
+    """0 unless fp16; then train.loss_scale_period (finite steps before doubling)."""
+    return int(config.train.get("loss_scale_period", 2000)) if name(config) == "fp16" else 0
+
+
+def loss_scale_of(opt_state: dict, period: int):
+    """(jmp.DynamicLossScale, optax state) of an fp16 optimiser state."""
+    import jmp
+
+    ls = opt_state["loss_scale"]
+    return jmp.DynamicLossScale(ls["scale"], ls["counter"], period=period), opt_state["tx"]
+
+
+def scaled_update(opt_state: dict, loss_scale, grads, new, old):
+    """fp16 step decision. new/old: (params, optax state) after/before the update.
+
+    Gradients (already unscaled and device-averaged, so all devices agree) that are not
+    all finite: keep `old`, halve the scale, count the skipped step; finite: take `new`,
+    and after `period` finite steps in a row the scale doubles (jmp's
+    DynamicLossScale.adjust). Returns (params, fp16 optimiser state, metrics).
+    """
+    import jmp
+
+    finite = jmp.all_finite(grads)
+    params, tx_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    adjusted = loss_scale.adjust(finite)
+    skipped = opt_state["loss_scale"]["skipped"] + (~finite).astype(jnp.int32)
+    state = {"tx": tx_state, "loss_scale": {
+        "scale": adjusted.loss_scale.astype(jnp.float32),
+        "counter": adjusted.counter.astype(jnp.int32), "skipped": skipped}}
+    metrics = {"loss_scale": loss_scale.loss_scale.astype(jnp.float32),  # used this step
+               "fp16_overflow": (~finite).astype(jnp.float32),
+               "fp16_skipped_steps": skipped.astype(jnp.float32)}
+    return params, state, metrics

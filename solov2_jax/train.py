@@ -90,43 +90,69 @@ def initial_variables(config, model, rng: jax.Array) -> dict:
 def create_train_state(config, rng: jax.Array, *, model, tx) -> TrainState:
     """Unreplicated initial TrainState (step 0)."""
     variables = initial_variables(config, model, rng)
+    opt_state = tx.init(variables["params"])
+    if precision.name(config) == "fp16":  # + jmp's dynamic loss scale (float32 leaves)
+        opt_state = precision.init_loss_scaled(opt_state, config)
     return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      batch_stats=variables["batch_stats"],
-                      opt_state=tx.init(variables["params"]))
+                      batch_stats=variables["batch_stats"], opt_state=opt_state)
 
 
 def train_step(state: TrainState, batch: dict, *, model, trainable, target_kw: dict,
-               loss_kw: dict, tx, schedule) -> tuple[TrainState, dict]:
+               loss_kw: dict, tx, schedule,
+               loss_scaling: int = 0) -> tuple[TrainState, dict]:
     """One SGD step on this device's [B, ...] batch (inside pmap, axis AXIS).
 
     batch: structures.TRAIN_KEYS subset STEP_KEYS, e.g. image [B, Hp, Wp, 3]. Returns the
-    new state and device-averaged scalar metrics.
+    new state and device-averaged scalar metrics. The model may compute in bf16/fp16
+    (its `dtype`); its outputs are cast to float32 before targets and losses. With
+    `loss_scaling` = the scale's growth period > 0 (fp16) the optimiser state is
+    `precision.init_loss_scaled`'s: the loss is
+    scaled by jmp's dynamic loss scale, gradients are unscaled in float32, and a step whose
+    gradients overflow on any device changes nothing but the scale (halved) and the
+    skipped-step counter (`precision.scaled_update`).
     """
     train_p, frozen_p = optim.partition(state.params, trainable)
+    loss_scale, tx_state = (precision.loss_scale_of(state.opt_state, loss_scaling)
+                            if loss_scaling
+                            else (None, state.opt_state))
 
     def loss_fn(tp):
         variables = {"params": optim.merge(tp, frozen_p), "batch_stats": state.batch_stats}
-        out = model.apply(variables, batch["image"], batch.get("canvas"))
+        out = precision.to_float32(model.apply(variables, batch["image"], batch.get("canvas")))
         targets = batch_targets(batch["gt_boxes"], batch["gt_labels"], batch["gt_centers"],
                                 batch["gt_valid"], batch.get("canvas"),
                                 featmap_hw=out.mask_feats.shape[1:3], **target_kw)
         losses = solov2_loss(out.kernel_preds, out.cls_preds, out.mask_feats, targets,
                              batch["gt_masks"], batch.get("canvas"), **loss_kw)
-        return losses["loss"], losses
+        loss = losses["loss"] if loss_scale is None else loss_scale.scale(losses["loss"])
+        return loss, losses
 
     grads, losses = jax.grad(loss_fn, has_aux=True)(train_p)
+    if loss_scale is not None:
+        grads = loss_scale.unscale(grads)  # float32 (the parameters' dtype)
     grads = jax.lax.pmean(grads, AXIS)
     # Frozen leaves get constant zeros (set_to_zero ignores them; XLA folds them away).
     full_grads = optim.merge(grads, jax.tree.map(jnp.zeros_like, frozen_p))
-    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(full_grads, tx_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # No positive cell anywhere: mmdet's kernel branch got no gradient (None), so torch's
     # SGD skipped it entirely (no weight decay, no momentum step). Do the same.
     no_pos = jax.lax.psum(losses["num_pos"], AXIS) == 0
     params = optim.keep_kernel_branch(no_pos, params, state.params)
-    opt_state = optim.keep_kernel_branch(no_pos, opt_state, state.opt_state)
+    opt_state = optim.keep_kernel_branch(no_pos, opt_state, tx_state)
+    grad_norm = optax.global_norm(grads)
+    metrics = dict(losses, grad_norm=grad_norm, lr=schedule(state.step))
+    if loss_scale is not None:
+        # grads are pmean-ed, so every device takes the same decision.
+        params, opt_state, extra = precision.scaled_update(
+            state.opt_state, loss_scale, grads, (params, opt_state), (state.params, tx_state))
+        metrics.update(extra)
+        # An overflow that the loss scale handles is not divergence: such a skipped step
+        # reports grad_norm 0 (fp16_overflow marks it); at the minimum scale (1) the
+        # non-finite norm stays, for the divergence guard.
+        metrics["grad_norm"] = jnp.where(
+            (extra["fp16_overflow"] > 0) & (loss_scale.loss_scale > 1), 0.0, grad_norm)
     new_state = state.replace(step=state.step + 1, opt_state=opt_state, params=params)
-    metrics = dict(losses, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
     return new_state, jax.lax.pmean(metrics, AXIS)
 
 
@@ -138,7 +164,7 @@ def make_p_train_step(config, model, tx, schedule, trainable, devices=None):
         train_step, model=model, trainable=trainable, tx=tx, schedule=schedule,
         target_kw={k: v for k, v in target_kwargs(config, (0, 0)).items()
                    if k != "featmap_hw"},
-        loss_kw=loss_kwargs(config, AXIS))
+        loss_kw=loss_kwargs(config, AXIS), loss_scaling=precision.loss_scale_period(config))
     if int(config.train.get("max_nonfinite_skips", 0)) > 0:  # off by default
         step = skip_nonfinite_updates(step)
 
@@ -256,6 +282,9 @@ def _log_metrics(workdir: str, step: int, window: list, seconds: float, images: 
     host = [{k: v[0] for k, v in m.items()} for m in window]
     avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
     avg["lr"] = float(host[-1]["lr"])
+    for k in ("loss_scale", "fp16_skipped_steps"):  # fp16: values at the last step
+        if k in host[-1]:
+            avg[k] = float(host[-1][k])
     avg["images_per_s"] = images / max(seconds, 1e-9)
     logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in avg.items()))
     overflow = sum(m["num_overflow"] for m in host)
@@ -471,6 +500,13 @@ def _define_flags(fv, argv):
                       flag_values=fv)
     flags.DEFINE_bool("distributed", False, "multi-host: jax.distributed.initialize()",
                       flag_values=fv)
+    flags.DEFINE_string("coordinator", None, "with --distributed: host:port of process 0's "
+                        "coordinator (default: detected from the cluster environment)",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "with --distributed: number of processes",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "with --distributed: this process's index",
+                         flag_values=fv)
     backend.add_flag(fv)
 
 
@@ -496,7 +532,8 @@ def _main(argv: list[str]) -> int:
         raise flags.Error("--config and --workdir are required")
     plan = backend.configure(backend.requested(fv, config))  # before JAX initialises
     if fv.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=fv.coordinator,
+                                   num_processes=fv.num_processes, process_id=fv.process_id)
     logging.get_absl_logger().addFilter(_drop_orbax_info)  # same object: added once
     backend.start(plan)  # start-up report: backend, devices, processes
     train_and_evaluate(config, fv.workdir, run_eval=fv.eval)
