@@ -130,7 +130,10 @@ def test_overfits_a_fixed_batch(trainer):
     assert len(t["traces"]) == n_traces  # no recompilation for a known shape
     first, last = losses[0], float(np.mean(losses[-5:]))
     print(f"overfit: loss {first:.4f} -> {last:.4f}")
-    assert np.all(np.isfinite(losses)) and last < 0.6 * first, losses
+    # Measured 3.67 -> 2.52 (0.69x) since the step trains on mmdet's per-batch canvas
+    # (0.55x when every image was computed on the whole bucket); the step itself is
+    # compared with mmdet's in tests/test_end_to_end.py.
+    assert np.all(np.isfinite(losses)) and last < 0.75 * first, losses
 
 
 def _cli(cfg, workdir, max_steps, *extra):
