@@ -80,15 +80,20 @@ def guarded(prog: str, fn, argv):
 
 
 def parse_flags(fv, argv, config_flag: str = "config"):
-    """fv(argv), then the loaded `--<config_flag>` (None if not given).
+    """fv(argv), then the loaded `--<config_flag>` (None if not given)."""
+    return _parse(fv, argv, config_flag)[0]
+
+
+def _parse(fv, argv, config_flag: str = "config"):
+    """(loaded `--<config_flag>` or None, argv left after the flags) of fv(argv).
 
     ml_collections reports a missing or broken config file only when the config is first
     used (an `_ErrorConfig` raising OSError) and an unknown `--config.a.b=v` override as
     a bare AttributeError / KeyError; both become one-line UserErrors here.
     """
     try:
-        fv(argv)
-        config = getattr(fv, config_flag)
+        rest = fv(argv)
+        config = getattr(fv, config_flag, None)
         if config is not None and type(config).__name__ == "_ErrorConfig":
             config.lock()  # any use raises the stored load error
     except OSError as e:
@@ -100,4 +105,50 @@ def parse_flags(fv, argv, config_flag: str = "config"):
         overrides = [o for o in overrides if o.rsplit(".", 1)[-1] == field] or overrides
         raise UserError(f"unknown config field in {' '.join(overrides) or 'an override'}: "
                         f"{detail}") from None
-    return config
+    return config, rest
+
+
+def underscore_flag(arg: str) -> str:
+    """`--score-thr=...` -> `--score_thr=...` (absl spells flags with underscores)."""
+    if arg.startswith("--") and not arg.startswith("--config"):
+        head, sep, tail = arg[2:].partition("=")
+        return "--" + head.replace("-", "_") + sep + tail
+    return arg
+
+
+def absl_main(prog: str, doc: str, define_flags, execute, argv) -> int:
+    """The one CLI style of every entry point: absl flags on a private registry (callable
+    in-process), `--help` with the module docstring, dashes or underscores in flag names,
+    user errors as one `<prog>: error: ...` line (`guarded`).
+
+    define_flags(fv, argv) registers the flags; execute(fv, inputs) -> exit status, with
+    `inputs` the positional arguments left after the flags.
+    """
+    from absl import flags
+
+    argv = [underscore_flag(a) for a in argv]
+    fv = flags.FlagValues()
+    define_flags(fv, argv)
+    if any(a in ("-h", "--help", "-help") for a in argv[1:]):
+        print(doc + "\nflags:\n" + fv.get_help())
+        return 0
+
+    def parse_and_execute(args):
+        _, rest = _parse(fv, args)
+        return execute(fv, list(rest[1:]))
+
+    return guarded(prog, parse_and_execute, argv)
+
+
+def console_entry(main) -> None:
+    """Console-script wrapper: absl's app (logging, its own flags at their defaults);
+    `main(argv)` parses the full argv itself."""
+    from absl import app
+
+    def defaults_only(argv):
+        from absl import flags
+
+        flags.FLAGS(argv[:1])
+        return argv
+
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=defaults_only)

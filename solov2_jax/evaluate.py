@@ -34,7 +34,6 @@ import functools
 import io
 import json
 import os
-import sys
 import time
 
 import jax
@@ -280,40 +279,22 @@ def _execute(fv) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """CLI on its own flag registry (callable in-process); returns the exit status."""
-    from absl import flags
-
-    # absl spells flags with underscores; accept the documented `--max-images` too.
-    argv = [a.replace("--max-images", "--max_images", 1) if a.startswith("--max-images")
-            else a for a in argv]
-    fv = flags.FlagValues()
-    _define_flags(fv, argv)
-    if any(a in ("-h", "--help", "-help") for a in argv[1:]):
-        print(__doc__ + "\nflags:\n" + fv.get_help())
-        return 0
+    """CLI (callable in-process); returns the exit status. `--max-images` and
+    `--max_images` both work; user errors are one line (`cli.absl_main`)."""
     from solov2_jax import cli
 
-    def parse_and_execute(args):
-        cli.parse_flags(fv, args)
+    def execute(fv, inputs):
         _execute(fv)
         return 0
 
-    # User errors: one `solov2-evaluate: error: ...` line (--debug shows the traceback).
-    return cli.guarded("solov2-evaluate", parse_and_execute, argv)
+    return cli.absl_main("solov2-evaluate", __doc__, _define_flags, execute, argv)
 
 
 def run() -> None:
     """Console-script entry point (`solov2-evaluate`)."""
-    from absl import app
+    from solov2_jax import cli
 
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_nothing)
-
-
-def _parse_nothing(argv):
-    from absl import flags
-
-    flags.FLAGS(argv[:1])  # absl's own flags stay at defaults; ours parse in main()
-    return argv
+    cli.console_entry(main)
 
 
 if __name__ == "__main__":

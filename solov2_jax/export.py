@@ -42,7 +42,6 @@ import contextlib
 import io
 import json
 import os
-import sys
 from collections.abc import Sequence
 
 import jax
@@ -428,34 +427,21 @@ def _execute(fv) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """CLI on its own flag registry (callable in-process); returns the exit status."""
-    from absl import flags
-
+    """CLI (callable in-process); returns the exit status."""
     from solov2_jax import cli
-    from solov2_jax.predict import _underscore_flag
 
-    argv = [_underscore_flag(a) for a in argv]
-    fv = flags.FlagValues()
-    _define_flags(fv, argv)
-    if any(a in ("-h", "--help", "-help") for a in argv[1:]):
-        print(__doc__ + "\nflags:\n" + fv.get_help())
-        return 0
-
-    def parse_and_execute(args):
-        cli.parse_flags(fv, args)
+    def execute(fv, inputs):
         _execute(fv)
         return 0
 
-    return cli.guarded("solov2-export", parse_and_execute, argv)
+    return cli.absl_main("solov2-export", __doc__, _define_flags, execute, argv)
 
 
 def run() -> None:
     """Console-script entry point (`solov2-export`)."""
-    from absl import app
+    from solov2_jax import cli
 
-    from solov2_jax.predict import _parse_nothing
-
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_nothing)
+    cli.console_entry(main)
 
 
 if __name__ == "__main__":

@@ -678,57 +678,20 @@ def _execute(fv, inputs: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """CLI on its own flag registry (callable in-process); returns the exit status."""
-    from absl import flags
-
+    """CLI (callable in-process); returns the exit status (1 if an image failed)."""
     from solov2_jax import cli
 
-    argv = [_underscore_flag(a) for a in argv]
-    fv = flags.FlagValues()
-    _define_flags(fv, argv)
-    if any(a in ("-h", "--help", "-help") for a in argv[1:]):
-        print(__doc__ + "\nflags:\n" + fv.get_help())
-        return 0
+    def execute(fv, inputs):
+        return 1 if _execute(fv, inputs)["failed"] else 0
 
-    class KeepRest:  # cli.parse_flags parses once; keep what absl leaves: the INPUTs
-        rest: list = []
-
-        def __call__(self, args):
-            self.rest = fv(args)
-            return self.rest
-
-        def __getattr__(self, name):
-            return getattr(fv, name)
-
-    def parse_and_execute(args):
-        parsed = KeepRest()
-        cli.parse_flags(parsed, args)
-        summary = _execute(fv, list(parsed.rest[1:]))
-        return 1 if summary["failed"] else 0
-
-    return cli.guarded("solov2-predict", parse_and_execute, argv)
-
-
-def _underscore_flag(arg: str) -> str:
-    """`--score-thr=...` -> `--score_thr=...` (absl spells flags with underscores)."""
-    if arg.startswith("--") and not arg.startswith("--config"):
-        head, sep, tail = arg[2:].partition("=")
-        return "--" + head.replace("-", "_") + sep + tail
-    return arg
+    return cli.absl_main("solov2-predict", __doc__, _define_flags, execute, argv)
 
 
 def run() -> None:
     """Console-script entry point (`solov2-predict`)."""
-    from absl import app
+    from solov2_jax import cli
 
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_nothing)
-
-
-def _parse_nothing(argv):
-    from absl import flags
-
-    flags.FLAGS(argv[:1])  # absl's own flags stay at defaults; ours parse in main()
-    return argv
+    cli.console_entry(main)
 
 
 if __name__ == "__main__":
