@@ -199,8 +199,13 @@ def save_variables(path: str, variables, *, force: bool = False) -> str:
                                   "choose another path")
     variables = jax.tree.map(np.asarray, dict(variables))
     tmp = _tmp_name(path, "partial")
+    # Host arrays written by this process alone: in a multi-process run orbax would
+    # otherwise wait at a barrier keyed by this (per-process) temporary name for the
+    # other processes, forever. Multi-host callers save from one process only.
+    solo = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                              active_processes={jax.process_index()})
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer(multiprocessing_options=solo) as ckptr:
             ckptr.save(tmp, variables)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -478,7 +478,13 @@ def train_and_evaluate(config, workdir: str, *, run_eval: bool = False) -> dict:
     if bad:  # unreachable while the guard above holds; never overwrite a good model
         raise TrainingDiverged(f"final variables hold non-finite values ({bad}); "
                                "final_variables was not written")
-    checkpoint.save_variables(os.path.join(workdir, "final_variables"), variables, force=True)
+    if lead:  # every process holds the same replicated variables; one writes them
+        checkpoint.save_variables(os.path.join(workdir, "final_variables"), variables,
+                                  force=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("solov2 final_variables written")
     if run_eval:
         from solov2_jax import evaluate  # lazy: written separately, not needed to train
 
