@@ -148,7 +148,9 @@ def solov2_config(
     # statistics, losses and Matrix NMS in float32; fp16 with dynamic loss scaling
     # (train.precision also applies to evaluate/predict).
     c.train.precision = "fp32"
-    c.train.loss_scale_init = 2.0**15  # fp16: jmp.DynamicLossScale's initial scale
+    # fp16: jmp.DynamicLossScale's initial scale; 512 is mmdet's fp16 configs' loss_scale
+    # (2**15 overflowed within the first 10 steps of configs/tiny.py, skipping a step).
+    c.train.loss_scale_init = 512.0
     c.train.loss_scale_period = 2000  # fp16: finite steps before the scale doubles
     c.train.backend = "auto"  # auto | cpu | cuda | ixuca (solov2_jax.backend; --backend)
     # 0: a non-finite loss/grad norm stops training (train.TrainingDiverged). N > 0: up to

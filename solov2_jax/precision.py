@@ -44,7 +44,7 @@ def init_loss_scaled(tx_state, config) -> dict:
     """fp16 optimiser state: the optax state plus jmp's dynamic loss scale (initial scale
     train.loss_scale_init) and the count of steps skipped for overflowing gradients."""
     return {"tx": tx_state, "loss_scale": {
-        "scale": jnp.asarray(float(config.train.get("loss_scale_init", 2.0**15)), jnp.float32),
+        "scale": jnp.asarray(float(config.train.get("loss_scale_init", 512.0)), jnp.float32),
         "counter": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}}
 
 
