@@ -165,3 +165,28 @@ def test_compute_dtype_and_float32_outputs():
         precision.name(cfg)
     out = precision.to_float32({"a": jnp.ones(2, jnp.float16), "b": jnp.ones(2, jnp.int32)})
     assert out["a"].dtype == jnp.float32 and out["b"].dtype == jnp.int32
+
+
+def test_inference_takes_the_precision_setting():
+    """predict.infer_fn (evaluate's and Predictor's device function) with bf16: the
+    convolutions run in bfloat16, post-processing and its outputs stay float32, and the
+    detections are float32's up to bf16 rounding."""
+    from solov2_jax import models, predict
+
+    cfg = tiny.get_config()
+    cfg.test.score_thr, cfg.test.filter_thr = 0.0, 0.0  # random weights score ~0.01
+    variables = models.init_variables(models.build_model(cfg.model), jax.random.PRNGKey(1))
+    image = jax.random.normal(jax.random.PRNGKey(2), (1, 128, 160, 3))
+    args = (variables, image, jnp.array([[128, 160]]), jnp.array([[128, 160]]),
+            jnp.array([[128, 160]]))
+    outs = {}
+    for prec in ("fp32", "bf16"):
+        fn = predict.infer_fn(cfg.model, cfg.test, (128, 160), prec)
+        text = str(jax.make_jaxpr(fn)(*args))
+        convs = [ln for ln in text.splitlines() if "= conv_general_dilated[" in ln]
+        assert convs and all(("bf16[" in ln) == (prec == "bf16") for ln in convs), convs[:3]
+        outs[prec] = jax.jit(fn)(*args)
+    assert outs["bf16"]["scores"].dtype == jnp.float32
+    assert outs["bf16"]["boxes"].dtype == jnp.float32
+    s32, s16 = np.asarray(outs["fp32"]["scores"]), np.asarray(outs["bf16"]["scores"])
+    assert s32[0, 0] > 0 and np.abs(s32 - s16).max() < 5e-3, (s32, s16)
