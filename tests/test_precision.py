@@ -18,7 +18,9 @@ from solov2_jax.data import coco_builder, pipeline
 from solov2_jax.data.make_demo import make_demo
 from solov2_jax.structures import local_mesh
 
-STEPS, LOG_EVERY = 50, 10
+# 20 steps: the asserted first window plus one reported one; the 50-step curves are in
+# experiments/RESULTS.md (4 runs x 50 steps took 8 minutes of CI time for one assert).
+STEPS, LOG_EVERY = 20, 10
 TOLERANCE = {"bf16": 0.02, "fp16": 0.01}  # relative, at every logged step (issue 11)
 
 
