@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import sys
 import time
 from typing import Any
 
@@ -523,17 +522,15 @@ def _drop_orbax_info(record) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """CLI on its own flag registry (callable in-process); returns the exit status.
-    User errors print one `solov2-train: error: ...` line (see `cli`)."""
-    return cli.guarded("solov2-train", _main, argv)
+    """CLI (callable in-process); returns the exit status. `--help` lists the flags; user
+    errors print one `solov2-train: error: ...` line (`cli.absl_main`)."""
+    return cli.absl_main("solov2-train", __doc__, _define_flags, _execute, argv)
 
 
-def _main(argv: list[str]) -> int:
+def _execute(fv, inputs) -> int:
     from absl import flags
 
-    fv = flags.FlagValues()
-    _define_flags(fv, argv)
-    config = cli.parse_flags(fv, argv)
+    config = fv.config
     if config is None or not fv.workdir:
         raise flags.Error("--config and --workdir are required")
     plan = backend.configure(backend.requested(fv, config))  # before JAX initialises
@@ -548,17 +545,7 @@ def _main(argv: list[str]) -> int:
 
 def run() -> None:
     """Console-script entry point (`solov2-train`)."""
-    from absl import app
-
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_absl_defaults_only)
-
-
-def _absl_defaults_only(argv: list[str]) -> list[str]:
-    """absl's own flags stay at their defaults; main() parses the full argv itself."""
-    from absl import flags
-
-    flags.FLAGS(argv[:1])
-    return argv
+    cli.console_entry(main)
 
 
 if __name__ == "__main__":

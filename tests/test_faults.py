@@ -546,3 +546,14 @@ def test_orphaned_tensorstore_read_errors_are_not_logged():
     assert not checkpoint._is_orphaned_read_error(record("something else", read))
     assert any(isinstance(f, checkpoint._DropOrphanedReadErrors)
                for f in logging.getLogger("asyncio").filters)
+
+
+@pytest.mark.parametrize("module", ["train", "evaluate", "predict", "export"])
+def test_every_cli_has_help(module, capsys):
+    """`--help` exits 0 and lists the flags (one CLI style: `cli.absl_main`)."""
+    import importlib
+
+    mod = importlib.import_module(f"solov2_jax.{module}")
+    assert mod.main([f"solov2-{module}", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "flags:" in out and "--config" in out
