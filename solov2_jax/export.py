@@ -347,18 +347,9 @@ class ExportedModel:
 
     def predict(self, images, *, bgr: bool = False, batch_size: int = 8):
         """Images -> `predict.Prediction` per image (batches of <= batch_size per bucket)."""
-        from solov2_jax.predict import Prediction, _as_bgr
+        from solov2_jax.predict import Prediction, load_images
 
-        if isinstance(images, str | os.PathLike | np.ndarray):
-            images = [images]
-        items = []
-        for k, im in enumerate(images):
-            if isinstance(im, str | os.PathLike):
-                src, img = os.fspath(im), preprocess.read(im)
-            else:
-                src = f"<image {k}>"
-                img = _as_bgr(im, bgr, src)
-            items.append((src, *self.preprocess(img, src)))
+        items = [(src, *self.preprocess(img, src)) for src, img in load_images(images, bgr)]
         results = [None] * len(items)
         for bucket in self.buckets:
             idx = [i for i, it in enumerate(items) if it[1] == bucket["name"]]

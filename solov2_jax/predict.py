@@ -387,6 +387,21 @@ def _as_bgr(image, bgr: bool, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr if bgr else arr[..., ::-1])
 
 
+def load_images(images, bgr: bool = False) -> list[tuple[str, np.ndarray]]:
+    """File paths and/or numpy images (HWC uint8, RGB unless bgr=True) -> [(name, BGR
+    uint8)], as mmdet decodes files; a single path or array is one image. Raises
+    `preprocess.ImageError` naming the first one that cannot be used."""
+    if isinstance(images, str | os.PathLike | np.ndarray):
+        images = [images]
+    out = []
+    for k, im in enumerate(images):
+        if isinstance(im, str | os.PathLike):
+            out.append((os.fspath(im), preprocess.read(im)))
+        else:
+            out.append((f"<image {k}>", _as_bgr(im, bgr, f"<image {k}>")))
+    return out
+
+
 class Predictor:
     """Images in, detections out: host preprocessing, the compiled program, host results.
 
@@ -488,17 +503,9 @@ class Predictor:
 
         Raises `preprocess.ImageError` naming the first image that cannot be used.
         """
-        if isinstance(images, str | os.PathLike | np.ndarray):
-            images = [images]
-        examples, sources = [], []
-        for k, im in enumerate(images):
-            if isinstance(im, str | os.PathLike):
-                src, img = os.fspath(im), preprocess.read(im)
-            else:
-                src = f"<image {k}>"
-                img = _as_bgr(im, bgr, src)
-            examples.append(self.preprocess(img))
-            sources.append(src)
+        loaded = load_images(images, bgr)
+        examples = [self.preprocess(img) for _, img in loaded]
+        sources = [src for src, _ in loaded]
         return [self.to_prediction(det, src) for det, src in
                 zip(self.predict_examples(examples), sources, strict=True)]
 
