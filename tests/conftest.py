@@ -29,3 +29,21 @@ def mmcv_ops(mmdet):
     """mmdet plus mmcv's compiled operators (DCNv2); skips (fails in CI) without them."""
     mmdet.require_mmcv_ops()
     return mmdet
+
+
+@pytest.fixture(scope="module")
+def module_compile_cache(tmp_path_factory):
+    """A persistent XLA compilation cache private to the requesting test module (restored
+    afterwards), for modules that run the same training programs many times."""
+    import jax
+    from jax._src import compilation_cache as cc
+
+    old = (jax.config.jax_compilation_cache_dir,
+           jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    cc.reset_cache()

@@ -25,20 +25,8 @@ from tests.data.test_coco_builder import CATS, _jpeg, _poly
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Persistent XLA cache: every run below compiles the same two programs."""
-    from jax._src import compilation_cache as cc
-
-    old = (jax.config.jax_compilation_cache_dir,
-           jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cc.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    cc.reset_cache()
+# Persistent XLA cache (tests/conftest.py): every run below compiles the same two programs.
+pytestmark = pytest.mark.usefixtures("module_compile_cache")
 
 
 @pytest.fixture(scope="module")

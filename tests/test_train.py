@@ -20,21 +20,9 @@ from solov2_jax.data.make_demo import make_demo
 NUM_DEV = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Persistent XLA cache for this module: every run below compiles the same two
-    programs (one per bucket shape), so only the first compile of each is paid for."""
-    from jax._src import compilation_cache as cc
-
-    old = (jax.config.jax_compilation_cache_dir,
-           jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cc.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    cc.reset_cache()
+# Persistent XLA cache for this module (tests/conftest.py): every run below compiles the
+# same two programs (one per bucket shape), so only the first compile of each is paid for.
+pytestmark = pytest.mark.usefixtures("module_compile_cache")
 
 
 @pytest.fixture(scope="module")
