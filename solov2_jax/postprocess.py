@@ -35,6 +35,7 @@ import numpy as np
 
 from solov2_jax import structures
 from solov2_jax.matrix_nms import matrix_nms
+from solov2_jax.models import canvas
 from solov2_jax.ops import bilinear_weights
 
 _HP = jax.lax.Precision.HIGHEST
@@ -81,7 +82,7 @@ def _single(kernels, scores, strides, feats, img_hw, ori_hw, canvas_hw, *, out_h
     # Matrix NMS IoUs count canvas pixels only.
     hf, wf = feats.shape[:2]
     feat_hw = canvas_hw // mask_stride
-    inside = (jnp.arange(hf)[:, None] < feat_hw[0]) & (jnp.arange(wf)[None, :] < feat_hw[1])
+    inside = canvas.valid_mask(feat_hw[None], (hf, wf))[0, :, :, 0]
     binary = (probs > mask_thr) & inside
     area = binary.sum(axis=(1, 2)).astype(jnp.float32)
     keep = cand_ok & (area > strides[cell])
