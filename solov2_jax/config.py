@@ -286,3 +286,35 @@ def check_config(c) -> None:
         "a non-empty list of (long, short) positive integer pairs")
     need("data.test_scale", lambda v: len(v) == 2 and all(positive_int(int(x)) for x in v),
          "a (long, short) pair of positive integers")
+
+
+def packaged_configs() -> dict[str, str]:
+    """{name: file} of the configs shipped in the package (`configs/` as
+    `solov2_jax.configs`, see pyproject's package-dir)."""
+    import importlib
+    import os
+
+    folder = os.path.dirname(importlib.import_module("solov2_jax.configs").__file__)
+    return {f[:-3]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if f.endswith(".py") and not f.startswith("_")}
+
+
+def config_file(name_or_path: str) -> str:
+    """The file a `--config` value means: an existing file as given, else the packaged
+    config of that name (`tiny`, `tiny.py`). An ml_collections `:arg` suffix is kept.
+
+    Raises cli.UserError naming the packaged configs when it is neither.
+    """
+    import os
+
+    from solov2_jax.cli import UserError
+
+    path, colon, arg = str(name_or_path).partition(":")
+    if os.path.isfile(path):
+        return name_or_path
+    packaged = packaged_configs()
+    name = path[:-3] if path.endswith(".py") else path
+    if os.sep not in path and name in packaged:
+        return packaged[name] + colon + arg
+    raise UserError(f"config {path!r} is neither a file nor a packaged config "
+                    f"(packaged: {', '.join(packaged)})")

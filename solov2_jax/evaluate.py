@@ -234,10 +234,10 @@ def evaluate(config, variables, *, workdir: str, split: str | None = None,
 
 def _define_flags(fv, argv):
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "configs/<name>.py", flag_values=fv,
-                                    sys_argv=argv)
+    from solov2_jax import cli
+
+    cli.define_config_flag(fv, argv)  # packaged name or path
     flags.DEFINE_string("weights", None, "orbax dir from `solov2_jax.convert mmdet`",
                         flag_values=fv)
     flags.DEFINE_string("workdir", None, "training workdir (latest checkpoint is evaluated "

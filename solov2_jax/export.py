@@ -380,10 +380,10 @@ def load_exported(directory: str, runtime: str = "jax") -> ExportedModel:
 
 def _define_flags(fv, argv):
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "configs/<name>.py", flag_values=fv,
-                                    sys_argv=argv)
+    from solov2_jax import cli
+
+    cli.define_config_flag(fv, argv)  # packaged name or path
     flags.DEFINE_string("weights", None, "converted weights, final_variables, a step "
                         "directory or a training workdir", flag_values=fv)
     flags.DEFINE_string("out", None, "output directory", flag_values=fv)

@@ -250,13 +250,12 @@ def load_weights(config, path: str, config_name: str = "the config") -> dict:
 def load_config(path: str, overrides: Sequence[str] = ()):
     """A config file (`configs/<name>.py`) with `a.b=value` overrides, as the CLIs do."""
     from absl import flags
-    from ml_collections import config_flags
 
     from solov2_jax import cli
 
     fv = flags.FlagValues()
     argv = ["predict", f"--config={path}", *(f"--config.{o}" for o in overrides)]
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
+    cli.define_config_flag(fv, argv)  # packaged name or path, as the CLIs
     return cli.parse_flags(fv, argv)
 
 
@@ -627,10 +626,10 @@ def run_predict(predictor: Predictor, inputs: Sequence[str], out_dir: str, *,
 
 def _define_flags(fv, argv):
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "configs/<name>.py", flag_values=fv,
-                                    sys_argv=argv)
+    from solov2_jax import cli
+
+    cli.define_config_flag(fv, argv)  # packaged name or path
     flags.DEFINE_string("weights", None, "converted weights (solov2-convert mmdet), "
                         "final_variables or a checkpoint step directory", flag_values=fv)
     flags.DEFINE_string("workdir", None, "training workdir: its newest readable "

@@ -495,10 +495,8 @@ def train_and_evaluate(config, workdir: str, *, run_eval: bool = False) -> dict:
 
 def _define_flags(fv, argv):
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "configs/<name>.py", flag_values=fv,
-                                    sys_argv=argv)
+    cli.define_config_flag(fv, argv)  # packaged name or path
     flags.DEFINE_string("workdir", None, "checkpoints, metrics and demo data go here",
                         flag_values=fv)
     flags.DEFINE_bool("eval", False, "evaluate the final weights (solov2_jax.evaluate)",
