@@ -1,9 +1,18 @@
 """Convert PyTorch checkpoints (mmdet SOLOv2, torchvision ResNet) into Flax variables.
 
-    solov2-convert mmdet --config configs/solov2_r50_fpn_1x_coco.py \\
-        --checkpoint solov2_r50_fpn_1x_coco.pth --out /ckpt/solov2_r50_1x
+    solov2-convert MODE --checkpoint FILE.pth --out DIR [--config NAME|PATH | --depth N]
+
+MODE mmdet: a full mmdetection 3.x SOLOv2 checkpoint ({'meta', 'state_dict'} or a bare
+state_dict) -> the variables of the model of --config. MODE torchvision: a torchvision
+ResNet state_dict -> backbone initialisation variables (`load_backbone_init`) of
+--depth, or of --config's backbone (ResNeXt groups, DCN stages whose offset predictors
+start at zero; torchvision's fc.* is dropped).
+
+examples:
+    solov2-convert mmdet --config solov2_r50_fpn_1x_coco \\
+        --checkpoint solov2_r50_fpn_1x_coco.pth --out ckpt/solov2_r50_1x
     solov2-convert torchvision --depth 50 --checkpoint resnet50-0676ba61.pth \\
-        --out /ckpt/resnet50_init
+        --out ckpt/resnet50_init
 
 (or `python -m solov2_jax.convert ...`). The mapping is the declarative table of
 `conversion_table.py`, applied strictly: every source key must be consumed (except
@@ -15,8 +24,6 @@ Reading `.pth` files needs torch (`pip install 'solov2-jax[torch]'`), imported l
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import os
 import sys
 from collections.abc import Mapping
@@ -38,14 +45,12 @@ class ConversionError(UserError, ValueError):
     """The checkpoint does not match the model (or cannot be read)."""
 
 
-def load_config(path: str):
-    """`get_config()` of a `configs/<name>.py` file."""
-    spec = importlib.util.spec_from_file_location("_solov2_config", path)
-    if spec is None or spec.loader is None or not os.path.isfile(path):
-        raise ConversionError(f"config file not found: {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+def load_config(name_or_path: str, overrides=()):
+    """A config (packaged name or `configs/<name>.py` file) with `a.b=value` overrides,
+    resolved as every CLI's `--config` (`predict.load_config`)."""
+    from solov2_jax.predict import load_config as load
+
+    return load(name_or_path, overrides)
 
 
 def load_torch_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
@@ -234,82 +239,74 @@ def load_backbone_init(path: str) -> dict:
     return variables
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="solov2-convert",
-        description="Convert PyTorch checkpoints into orbax checkpoints of Flax variables "
-                    "({'params', 'batch_stats'}). Strict: any missing, unexpected or "
-                    "mis-shaped key is listed and the exit status is 1. Never downloads.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  # full mmdetection 3.x SOLOv2 model ({'meta','state_dict'} or bare)\n"
-               "  solov2-convert mmdet --config configs/solov2_r50_fpn_1x_coco.py \\\n"
-               "      --checkpoint solov2_r50_fpn_1x_coco.pth --out ckpt/solov2_r50_1x\n"
-               "  # ImageNet backbone initialisation from torchvision (fc.* dropped)\n"
-               "  solov2-convert torchvision --depth 50 \\\n"
-               "      --checkpoint resnet50-0676ba61.pth --out ckpt/resnet50_init\n")
-    sub = parser.add_subparsers(dest="mode", required=True, metavar="{mmdet,torchvision}")
-    mm = sub.add_parser(
-        "mmdet", help="mmdetection SOLOv2 checkpoint -> full model variables",
-        description="Convert an mmdetection 3.x SOLOv2 checkpoint into the variables of "
-                    "the model described by --config. Example: solov2-convert mmdet "
-                    "--config configs/solov2_r50_fpn_1x_coco.py --checkpoint "
-                    "solov2_r50_fpn_1x_coco.pth --out ckpt/solov2_r50_1x")
-    mm.add_argument("--config", required=True, help="configs/<name>.py of the matching model")
-    tv = sub.add_parser(
-        "torchvision", help="torchvision ResNet checkpoint -> backbone initialisation",
-        description="Convert a torchvision ResNet state_dict (conv1.weight, bn1.*, "
-                    "layer1.0.conv1.weight, ..., fc.*) into backbone variables, read by "
-                    "`load_backbone_init`. Example: solov2-convert torchvision --depth 50 "
-                    "--checkpoint resnet50-0676ba61.pth --out ckpt/resnet50_init")
-    arch = tv.add_mutually_exclusive_group(required=True)
-    arch.add_argument("--depth", type=int, choices=(18, 34, 50, 101))
-    arch.add_argument("--config", help="configs/<name>.py whose backbone to initialise "
-                      "(depth, ResNeXt groups, DCN stages: offset predictors start at 0)")
-    for p in (mm, tv):
-        p.add_argument("--checkpoint", required=True, help="input .pth file")
-        p.add_argument("--out", required=True, help="output orbax checkpoint directory")
-        p.add_argument("--force", action="store_true", help="overwrite an existing --out")
-        p.add_argument("--debug", action="store_true", help="tracebacks for user errors")
-        p.add_argument("--allow-pickle", action="store_true",
-                       help="torch.load(weights_only=False); only for files you trust")
-    return parser
+PROG = "solov2-convert"
+MODES = ("mmdet", "torchvision")
+RESNET_DEPTHS = (18, 34, 50, 101)
+
+
+def _define_flags(fv, argv):
+    from absl import flags
+
+    from solov2_jax import cli
+
+    cli.define_config_flag(fv, argv)  # mmdet: the model; torchvision: its backbone
+    flags.DEFINE_integer("depth", None, "torchvision: ResNet depth "
+                         f"({', '.join(map(str, RESNET_DEPTHS))}), instead of --config",
+                         flag_values=fv)
+    flags.DEFINE_string("checkpoint", None, "input .pth file", flag_values=fv)
+    flags.DEFINE_string("out", None, "output orbax checkpoint directory", flag_values=fv)
+    flags.DEFINE_bool("force", False, "overwrite an existing --out checkpoint",
+                      flag_values=fv)
+    flags.DEFINE_bool("allow_pickle", False, "torch.load(weights_only=False); only for "
+                      "files you trust", flag_values=fv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry; returns the exit status (0 ok, 1 user error, printed as one `error:`
-    message; `--debug` or SOLOV2_DEBUG=1 shows the traceback)."""
+    """CLI (callable in-process) on the arguments after the program name (default
+    sys.argv[1:]); returns the exit status (0 ok, 1 user error, printed as one `error:`
+    line; `--debug` or SOLOV2_DEBUG=1 shows the traceback)."""
     from solov2_jax import cli
 
-    return cli.guarded("solov2-convert", _main, argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return cli.absl_main(PROG, __doc__, _define_flags, _execute, [PROG, *argv])
 
 
-def _main(argv: list[str] | None) -> int:
+def _execute(fv, inputs: list[str]) -> int:
     from solov2_jax import checkpoint
 
-    args = _parser().parse_args(argv)
+    if len(inputs) != 1 or inputs[0] not in MODES:
+        raise UserError(f"give one MODE, mmdet or torchvision (got: {' '.join(inputs)})")
+    mode = inputs[0]
+    for flag in ("checkpoint", "out"):
+        if not fv[flag].value:
+            raise UserError(f"--{flag} is required")
+    if mode == "mmdet" and fv.config is None:
+        raise UserError("mmdet: --config is required")
+    if mode == "torchvision" and (fv.depth is None) == (fv.config is None):
+        raise UserError("torchvision: give exactly one of --depth and --config")
+    if fv.depth is not None and fv.depth not in RESNET_DEPTHS:
+        raise UserError(f"--depth {fv.depth}: must be one of {RESNET_DEPTHS}")
     # Fail before the (slow) conversion rather than after it; never delete what is
     # not a checkpoint.
-    if os.path.lexists(args.out) and not args.force:
-        raise ConversionError(f"{args.out} exists; pass --force to overwrite")
-    if os.path.lexists(args.out) and not checkpoint.is_checkpoint(args.out):
-        raise ConversionError(f"refusing to overwrite {args.out} with --force: it is "
+    if os.path.lexists(fv.out) and not fv.force:
+        raise ConversionError(f"{fv.out} exists; pass --force to overwrite")
+    if os.path.lexists(fv.out) and not checkpoint.is_checkpoint(fv.out):
+        raise ConversionError(f"refusing to overwrite {fv.out} with --force: it is "
                               "not a checkpoint (no orbax files in it); nothing was "
                               "deleted")
-    if args.mode == "mmdet":
-        variables = convert_mmdet_checkpoint(args.config, args.checkpoint,
-                                             args.allow_pickle)
+    if mode == "mmdet":
+        variables = convert_mmdet_checkpoint(fv.config, fv.checkpoint, fv.allow_pickle)
     else:
-        if args.config:
-            m = load_config(args.config).model
+        if fv.config is not None:
+            m = fv.config.model
             arch = dict(depth=int(m.depth), groups=int(m.get("groups", 1)),
                         base_width=int(m.get("base_width", 4)),
                         stage_with_dcn=tuple(m.get("stage_with_dcn", (False,) * 4)))
         else:
-            arch = dict(depth=args.depth)
-        variables = convert_torchvision_checkpoint(checkpoint=args.checkpoint,
-                                                   allow_pickle=args.allow_pickle, **arch)
-    out = save_variables(args.out, variables, force=args.force)
+            arch = dict(depth=fv.depth)
+        variables = convert_torchvision_checkpoint(checkpoint=fv.checkpoint,
+                                                   allow_pickle=fv.allow_pickle, **arch)
+    out = save_variables(fv.out, variables, force=fv.force)
     n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
     print(f"wrote {out} ({n:,} parameters)")
     return 0
@@ -317,7 +314,9 @@ def _main(argv: list[str] | None) -> int:
 
 def run() -> None:
     """Console-script entry point (`solov2-convert`)."""
-    sys.exit(main())
+    from solov2_jax import cli
+
+    cli.console_entry(lambda argv: main(argv[1:]))
 
 
 if __name__ == "__main__":

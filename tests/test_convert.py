@@ -140,20 +140,36 @@ def test_missing_checkpoint_file(tmp_path, capsys):
 
 
 def test_help_documents_both_modes(capsys):
-    with pytest.raises(SystemExit) as e:
-        convert.main(["--help"])
-    assert e.value.code == 0
+    assert convert.main(["--help"]) == 0
     text = capsys.readouterr().out
     for word in ("mmdet", "torchvision", "--config", "--depth", "examples"):
         assert word in text
     for mode in ("mmdet", "torchvision"):
-        with pytest.raises(SystemExit):
-            convert.main([mode, "--help"])
+        assert convert.main([mode, "--help"]) == 0
         assert "--checkpoint" in capsys.readouterr().out
     # The module entry point works as `python -m solov2_jax.convert`.
     proc = subprocess.run([sys.executable, "-m", "solov2_jax.convert", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "torchvision" in proc.stdout
+
+
+def test_modes_and_required_flags_are_one_line_errors(tmp_path, capsys):
+    pth, out = str(tmp_path / "x.pth"), str(tmp_path / "out")
+    cases = [([], "give one MODE"), (["resnet", "--checkpoint", pth, "--out", out],
+                                     "give one MODE, mmdet or torchvision (got: resnet)"),
+             (["mmdet", "--out", out], "--checkpoint is required"),
+             (["mmdet", "--checkpoint", pth, "--out", out], "mmdet: --config is required"),
+             (["torchvision", "--checkpoint", pth, "--out", out],
+              "give exactly one of --depth and --config"),
+             (["torchvision", "--depth=19", "--checkpoint", pth, "--out", out],
+              "--depth 19: must be one of (18, 34, 50, 101)"),
+             (["mmdet", "--config", "no_such_config", "--checkpoint", pth, "--out", out],
+              "'no_such_config' is neither a file nor a packaged config (packaged: ")]
+    for argv, message in cases:
+        assert convert.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("solov2-convert: error: ") and message in err, (argv, err)
+        assert len(err.splitlines()) == 1, err
 
 
 def test_shape_mismatches_names_every_difference():

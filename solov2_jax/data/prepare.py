@@ -1,6 +1,9 @@
 """Command line: build the TFDS dataset of a local COCO-format directory and report skips.
 
-    python -m solov2_jax.data.prepare --coco-dir /data/coco --data-dir /data/tfds [--name coco]
+    solov2-prepare --coco_dir /data/coco --data_dir /data/tfds [--name coco] [--noprogress]
+
+(or `python -m solov2_jax.data.prepare`; absl flags like every solov2 CLI, so
+`--coco-dir`, `--no-progress` are accepted as well).
 
 Without `--coco-dir` the synthetic demo dataset (`solov2_jax.data.make_demo`) is written
 to `<data-dir>/demo_coco` first and prepared under the name `demo_coco`. Preparing an
@@ -10,8 +13,8 @@ skipped versus what raises an error is tabulated in `solov2_jax.data.coco_builde
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 
 DEMO_NAME = "demo_coco"
 
@@ -136,36 +139,48 @@ def format_summary(summary: dict, name: str = "") -> str:
     return "\n".join(lines)
 
 
+PROG = "solov2-prepare"
+
+
 def main(argv=None):
-    """CLI; returns (builder, summary). User errors print one `error:` line and exit 1
-    (`--debug` or SOLOV2_DEBUG=1 shows the traceback)."""
+    """CLI on the arguments after the program name (default sys.argv[1:]); returns
+    (builder, summary), or 0 for `--help`. A user error prints one `error:` line and
+    raises SystemExit(1) (`--debug` or SOLOV2_DEBUG=1 shows the traceback)."""
     from solov2_jax import cli
 
-    result = cli.guarded("solov2-prepare", _main, argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    result = cli.absl_main(PROG, __doc__, _define_flags, _execute, [PROG, *argv])
     if result == 1:
         raise SystemExit(1)
     return result
 
 
-def _main(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--coco-dir", default="",
-                   help="COCO-format dir (annotations/instances_<split>.json + <split>/); "
-                        "empty: generate and use the demo dataset")
-    p.add_argument("--data-dir", required=True, help="TFDS data dir to write to")
-    p.add_argument("--name", default=None,
-                   help="dataset (builder config) name; default: the coco dir's basename")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
-    args = p.parse_args(argv)
+def _define_flags(fv, argv):
+    from absl import flags
 
+    flags.DEFINE_string("coco_dir", "", "COCO-format dir (annotations/instances_<split>.json "
+                        "+ <split>/); empty: generate and use the demo dataset",
+                        flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "TFDS data dir to write to", flag_values=fv)
+    flags.DEFINE_string("name", None, "dataset (builder config) name; default: the coco "
+                        "dir's basename", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
+
+
+def _execute(fv, inputs):
+    from solov2_jax.cli import UserError
+
+    if inputs:
+        raise UserError(f"unexpected arguments: {' '.join(inputs)} (flags only)")
+    if not fv.data_dir:
+        raise UserError("--data_dir is required")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from solov2_jax.data.coco_builder import category_info, config_name, prepare
 
-    coco_dir, name = args.coco_dir, args.name
+    coco_dir, name = fv.coco_dir, fv.name
     if not coco_dir:
-        coco_dir, name = ensure_demo(args.data_dir), name or DEMO_NAME
-    builder, summary = prepare(coco_dir, args.data_dir, name, progress=not args.no_progress)
+        coco_dir, name = ensure_demo(fv.data_dir), name or DEMO_NAME
+    builder, summary = prepare(coco_dir, fv.data_dir, name, progress=fv.progress)
     print(format_summary(summary, f"coco_instance_seg/{config_name(coco_dir, name)}"))
     cats = category_info(builder)
     print(f"  {len(cats)} categories: " +
@@ -176,7 +191,13 @@ def _main(argv):
 
 def run():
     """Console entry point (`solov2-prepare`)."""
-    main()
+    from solov2_jax import cli
+
+    def entry(argv):
+        main(argv[1:])  # a user error raises SystemExit(1)
+        return 0
+
+    cli.console_entry(entry)
 
 
 if __name__ == "__main__":
