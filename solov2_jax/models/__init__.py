@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from solov2_jax.models import conv
 from solov2_jax.models.fpn import FPN
 from solov2_jax.models.resnet import ResNet
 from solov2_jax.models.solov2 import SOLOv2
@@ -30,12 +31,18 @@ __all__ = [
 ]
 
 
-def build_model(model_cfg, dtype: Any = jnp.float32, precision: Any = None) -> SOLOv2:
+def build_model(model_cfg, dtype: Any = jnp.float32, precision: Any = None,
+                conv_impl: str | None = None) -> SOLOv2:
     """`SOLOv2` from a `config.model` ConfigDict (or any mapping with the same keys).
 
     `dtype` is the computation dtype (params stay float32); `precision` goes to every
     conv (None = XLA default, `jax.lax.Precision.HIGHEST` for exact float32 on GPU).
+    `conv_impl` picks the convolution implementation (`models.conv`): None takes the
+    config's `conv_impl` if it has one, else 'auto', which is resolved here, against
+    `jax.default_backend()` ('shifted' weight gradients on the CPU, XLA's elsewhere).
     """
+    if conv_impl is None:
+        conv_impl = str(model_cfg.get("conv_impl", "auto"))
     if isinstance(dtype, str):
         dtype = jnp.dtype(dtype)
     return SOLOv2(
@@ -58,6 +65,7 @@ def build_model(model_cfg, dtype: Any = jnp.float32, precision: Any = None) -> S
         mask_feature_dcn=bool(model_cfg.get("mask_feature_dcn", False)),
         dtype=dtype,
         precision=precision,
+        conv_impl=conv.resolve(conv_impl),
     )
 
 

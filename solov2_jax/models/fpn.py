@@ -31,6 +31,7 @@ class FPN(nn.Module):
     num_outs: int = 5
     dtype: Dtype = jnp.float32
     precision: Any = None
+    conv_impl: str = "xla"  # `models.conv` implementation, resolved
 
     @nn.compact
     def __call__(self, inputs: Sequence[jax.Array], canvas_hw: jax.Array | None = None
@@ -48,7 +49,8 @@ class FPN(nn.Module):
         def conv(kernel, name):
             return ConvModule(self.out_channels, kernel, gn_groups=None, activation=False,
                               kernel_init=xavier_uniform, dtype=self.dtype,
-                              precision=self.precision, name=name)
+                              precision=self.precision, conv_impl=self.conv_impl,
+                              name=name)
 
         laterals = [conv(1, f"lateral_convs_{i}")(x) for i, x in enumerate(inputs)]
         # Top-down: upsample to the exact size of the lower level (torch 'nearest'), which

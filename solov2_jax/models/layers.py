@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from solov2_jax.models import canvas
+from solov2_jax.models.conv import conv_function
 from solov2_jax.models.dcn import DCNv2
 
 Dtype = Any
@@ -40,6 +41,7 @@ class ConvModule(nn.Module):
     kernel_init: Initializer = nn.initializers.normal(0.01)
     dtype: Dtype = jnp.float32
     precision: Any = None
+    conv_impl: str = "xla"  # a resolved `models.conv` implementation (not DCN's)
 
     @nn.compact
     def __call__(self, x: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
@@ -67,6 +69,7 @@ class ConvModule(nn.Module):
                 kernel_init=self.kernel_init,
                 dtype=self.dtype,
                 precision=self.precision,
+                conv_general_dilated=conv_function(self.conv_impl),
                 name="conv",
             )(x)
         if self.gn_groups is not None:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from solov2_jax.models import canvas
+from solov2_jax.models.conv import conv_function
 from solov2_jax.models.dcn import DCNv2
 
 ModuleDef = Any
@@ -163,6 +164,7 @@ class ResNet(nn.Module):
     stage_with_dcn: Sequence[bool] = (False, False, False, False)
     dtype: Dtype = jnp.float32
     precision: Any = None
+    conv_impl: str = "xla"  # `models.conv` implementation, resolved (not for DCN)
 
     @nn.compact
     def __call__(self, x: jax.Array, canvas_hw: jax.Array | None = None
@@ -184,7 +186,8 @@ class ResNet(nn.Module):
         if len(self.stage_with_dcn) != 4:
             raise ValueError(f"stage_with_dcn needs 4 entries, got {self.stage_with_dcn}")
         conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                                 precision=self.precision, kernel_init=kaiming_fan_out)
+                                 precision=self.precision, kernel_init=kaiming_fan_out,
+                                 conv_general_dilated=conv_function(self.conv_impl))
         # Inference-mode BN only (norm_eval=True); stats live in `batch_stats`.
         norm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.9,
                                  epsilon=BN_EPS, dtype=self.dtype)

@@ -46,6 +46,8 @@ class SOLOv2(nn.Module):
     dtype: Dtype = jnp.float32
     # None: XLA's default (TF32 on recent GPUs); jax.lax.Precision.HIGHEST for parity.
     precision: Any = None
+    # Convolution implementation (`models.conv`), resolved: 'xla', 'shifted' or 'im2col'.
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, images: jax.Array, canvas_hw: jax.Array | None = None
@@ -60,10 +62,11 @@ class SOLOv2(nn.Module):
         """
         backbone = ResNet(depth=self.depth, groups=self.groups, base_width=self.base_width,
                           stage_with_dcn=tuple(self.stage_with_dcn), dtype=self.dtype,
-                          precision=self.precision, name="backbone")(images, canvas_hw)
+                          precision=self.precision, conv_impl=self.conv_impl,
+                          name="backbone")(images, canvas_hw)
         fpn = FPN(out_channels=self.fpn_channels, num_outs=self.fpn_num_outs,
-                  dtype=self.dtype, precision=self.precision, name="neck")(backbone,
-                                                                            canvas_hw)
+                  dtype=self.dtype, precision=self.precision, conv_impl=self.conv_impl,
+                  name="neck")(backbone, canvas_hw)
         kernel_preds, cls_preds, mask_feats = SOLOV2Head(
             num_classes=self.num_classes,
             feat_channels=self.feat_channels,
@@ -77,6 +80,7 @@ class SOLOv2(nn.Module):
             mask_feature_dcn=self.mask_feature_dcn,
             dtype=self.dtype,
             precision=self.precision,
+            conv_impl=self.conv_impl,
             name="mask_head",
         )(fpn, canvas_hw)
         return SOLOv2Output(

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from solov2_jax import ops
 from solov2_jax.models import canvas
+from solov2_jax.models.conv import conv_function
 from solov2_jax.models.layers import ConvModule
 
 Dtype = Any
@@ -53,6 +54,7 @@ class LevelConvs(nn.Module):
     dcn: bool = False  # DCNv2 convs (mmdet mask_feature_head conv_cfg=dict(type='DCNv2'))
     dtype: Dtype = jnp.float32
     precision: Any = None
+    conv_impl: str = "xla"  # `models.conv` implementation, resolved
 
     @nn.compact
     def __call__(self, x: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
@@ -63,7 +65,7 @@ class LevelConvs(nn.Module):
         for j in range(self.num_convs):
             x = ConvModule(self.features, 3, gn_groups=self.gn_groups, dcn=self.dcn,
                            kernel_init=normal_init, dtype=self.dtype, precision=self.precision,
-                           name=f"conv{j}")(x, valid_hw)
+                           conv_impl=self.conv_impl, name=f"conv{j}")(x, valid_hw)
             if self.upsample:
                 x = canvas.upsample2x(x, valid_hw).astype(self.dtype)
                 valid_hw = None if valid_hw is None else 2 * valid_hw
@@ -80,6 +82,7 @@ class MaskFeatModule(nn.Module):
     dcn: bool = False  # every conv (incl. the 1x1 conv_pred) a DCNv2, as mmdet's conv_cfg
     dtype: Dtype = jnp.float32
     precision: Any = None
+    conv_impl: str = "xla"  # `models.conv` implementation, resolved
 
     @nn.compact
     def __call__(self, inputs: Sequence[jax.Array], canvas_hw: jax.Array | None = None
@@ -99,12 +102,14 @@ class MaskFeatModule(nn.Module):
             # x2 upsample, so every level lands at stride 4.
             x = LevelConvs(max(i, 1), self.feat_channels, upsample=i > 0,
                            gn_groups=self.gn_groups, dcn=self.dcn, dtype=self.dtype,
-                           precision=self.precision, name=f"convs_all_levels_{i}")(x, valid)
+                           precision=self.precision, conv_impl=self.conv_impl,
+                           name=f"convs_all_levels_{i}")(x, valid)
             fused = x if fused is None else fused + x
         valid = canvas.level(canvas_hw, 4)
         out = ConvModule(self.out_channels, 1, gn_groups=self.gn_groups, dcn=self.dcn,
                          kernel_init=normal_init, dtype=self.dtype,
-                         precision=self.precision, name="conv_pred")(fused, valid)
+                         precision=self.precision, conv_impl=self.conv_impl,
+                         name="conv_pred")(fused, valid)
         return canvas.apply(out, valid)
 
 
@@ -125,6 +130,7 @@ class SOLOV2Head(nn.Module):
     mask_feature_dcn: bool = False
     dtype: Dtype = jnp.float32
     precision: Any = None
+    conv_impl: str = "xla"  # `models.conv` implementation, resolved (not for DCN)
 
     def setup(self):
         # Shared across levels, so built in setup() and called once per level.
@@ -134,22 +140,24 @@ class SOLOV2Head(nn.Module):
         def conv_module(i):
             return ConvModule(self.feat_channels, 3, gn_groups=self.gn_groups,
                               dcn=i in dcn, kernel_init=normal_init, dtype=self.dtype,
-                              precision=self.precision)
+                              precision=self.precision, conv_impl=self.conv_impl)
 
         self.kernel_convs = [conv_module(i) for i in range(self.stacked_convs)]
         self.cls_convs = [conv_module(i) for i in range(self.stacked_convs)]
+        conv_fn = conv_function(self.conv_impl)
         kernel_out = self.mask_out_channels * self.dynamic_conv_size**2
         self.conv_kernel = nn.Conv(kernel_out, (3, 3), padding=((1, 1), (1, 1)),
                                    kernel_init=normal_init, dtype=self.dtype,
-                                   precision=self.precision)
+                                   precision=self.precision, conv_general_dilated=conv_fn)
         self.conv_cls = nn.Conv(self.num_classes, (3, 3), padding=((1, 1), (1, 1)),
                                 kernel_init=normal_init,
                                 bias_init=nn.initializers.constant(CLS_BIAS_INIT),
-                                dtype=self.dtype, precision=self.precision)
+                                dtype=self.dtype, precision=self.precision,
+                                conv_general_dilated=conv_fn)
         self.mask_feature_head = MaskFeatModule(
             feat_channels=self.mask_feature_channels, out_channels=self.mask_out_channels,
             gn_groups=self.gn_groups, dcn=self.mask_feature_dcn, dtype=self.dtype,
-            precision=self.precision)
+            precision=self.precision, conv_impl=self.conv_impl)
 
     @staticmethod
     def resize_feats(feats: Sequence[jax.Array], canvas_hw: jax.Array | None = None

@@ -1,0 +1,150 @@
+"""Convolution implementations selected per backend (`build_model(conv_impl=...)`).
+
+Every conv of the model is a Flax `nn.Conv` (parameter names unchanged); the choice here
+only swaps the function it calls for `lax.conv_general_dilated`:
+
+- "xla": `lax.conv_general_dilated` and its autodiff, as XLA emits them (GPU, TPU).
+- "shifted": same forward, same input gradient, but the weight gradient is computed as
+  k*k matrix products, one per kernel tap: dW[i, j] = X_ij^T dY, where X_ij [N, Cin] is
+  the (padded, strided, dilated) input shifted by tap (i, j) and dY [N, Cout] the output
+  cotangent, N = B*OH*OW. XLA:CPU runs its weight-gradient convolutions at ~37 GFLOP/s
+  (~25 for a 3x3 at P2, 9-13 for 1x1) against ~140-160 for the forward and
+  input-gradient convolutions; the same FLOPs as plain dots run at matmul speed.
+- "im2col": as "shifted", but the k*k shifted inputs are concatenated into one
+  [N, k*k*Cin] matrix and multiplied once (one large dot, k*k times the input copied).
+
+"auto" (the default of `build_model`) resolves to "shifted" on the CPU backend and "xla"
+everywhere else, at build time (`resolve`). Grouped, input-dilated or non-NHWC/HWIO convs
+always take the XLA path. The forward values and input gradients are XLA's own (bitwise
+equal to "xla"); only the weight gradient's summation order differs (tested to ~1e-6
+relative in tests/models/test_conv_vjp.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("xla", "shifted", "im2col")
+CHOICES = ("auto",) + IMPLS
+
+
+def resolve(conv_impl: str = "auto", backend: str | None = None) -> str:
+    """'auto' -> 'shifted' on the CPU backend (`jax.default_backend()` unless `backend`
+    is given), else 'xla'; an explicit implementation is returned as it is."""
+    if conv_impl not in CHOICES:
+        raise ValueError(f"conv_impl must be one of {', '.join(CHOICES)}, not {conv_impl!r}")
+    if conv_impl != "auto":
+        return conv_impl
+    backend = jax.default_backend() if backend is None else backend
+    return "shifted" if backend == "cpu" else "xla"
+
+
+def _nhwc_hwio(ndim: int):
+    return lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, ("NHWC", "HWIO", "NHWC"))
+
+
+def _weight_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strides,
+                 padding, rhs_dilation, precision, wgrad: str, dtype) -> jax.Array:
+    """dL/dW [KH, KW, Cin, Cout] of y = conv(x, W) from x [B, H, W, Cin] and
+    dy [B, OH, OW, Cout] (float32 accumulation, returned in `dtype`)."""
+    kh, kw, cin, cout = kernel_shape
+    b, oh, ow, _ = dy.shape
+    (sh, sw), (dh, dw) = strides, rhs_dilation
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    dy2 = dy.reshape(b * oh * ow, cout)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            r0, c0 = i * dh, j * dw
+            tap = lax.slice(xp, (0, r0, c0, 0),
+                            (b, r0 + (oh - 1) * sh + 1, c0 + (ow - 1) * sw + 1, cin),
+                            (1, sh, sw, 1))
+            taps.append(tap.reshape(b * oh * ow, cin))
+    # Contract over N on both sides (X^T dY) without materialising a transpose.
+    tn = (((0,), (0,)), ((), ()))
+    dot = functools.partial(lax.dot_general, dimension_numbers=tn, precision=precision,
+                            preferred_element_type=jnp.float32)
+    if wgrad == "im2col" and len(taps) > 1:
+        cols = jnp.concatenate(taps, axis=1)  # [N, KH*KW*Cin], tap-major like HWIO
+        grad = dot(cols, dy2)
+    else:
+        grad = jnp.stack([dot(t, dy2) for t in taps])
+    return grad.reshape(kh, kw, cin, cout).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(x: jax.Array, kernel: jax.Array, spec: tuple) -> jax.Array:
+    strides, padding, rhs_dilation, dn, precision, _ = spec
+    return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=rhs_dilation,
+                                    dimension_numbers=dn, precision=precision)
+
+
+def _conv_fwd(x, kernel, spec):
+    return _conv(x, kernel, spec), (x, kernel)
+
+
+def _conv_bwd(spec, res, dy):
+    x, kernel = res
+    strides, padding, rhs_dilation, dn, precision, wgrad = spec
+    # The input gradient is XLA's own transpose of the forward conv (the same HLO the
+    # plain autodiff path emits), so it is bitwise equal to "xla".
+    (dx,) = jax.linear_transpose(
+        lambda x_: lax.conv_general_dilated(x_, kernel, strides, padding,
+                                            rhs_dilation=rhs_dilation,
+                                            dimension_numbers=dn, precision=precision),
+        x)(dy)
+    dk = _weight_grad(x, dy, kernel.shape, strides, padding, rhs_dilation, precision,
+                      wgrad, kernel.dtype)
+    return dx, dk
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                          rhs_dilation=None, dimension_numbers=None,
+                          feature_group_count=1, batch_group_count=1, precision=None,
+                          preferred_element_type=None, *, wgrad: str):
+    """`lax.conv_general_dilated`'s signature (as `nn.Conv` calls it); the weight
+    gradient by matrix products where the conv is a plain 2-D NHWC/HWIO one."""
+    nd = lhs.ndim
+    dn = dimension_numbers
+    if isinstance(dn, tuple) and not isinstance(dn, lax.ConvDimensionNumbers):
+        dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn)
+    plain = (nd == 4 and dn == _nhwc_hwio(nd) and feature_group_count == 1
+             and batch_group_count == 1 and preferred_element_type is None
+             and not isinstance(padding, str)
+             and all(d == 1 for d in (lhs_dilation or (1, 1))))
+    if not plain:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+            precision=precision, preferred_element_type=preferred_element_type)
+    spec = (tuple(int(s) for s in window_strides),
+            tuple((int(lo), int(hi)) for lo, hi in padding),
+            tuple(int(d) for d in (rhs_dilation or (1, 1))), dn, precision, wgrad)
+    return _conv(lhs, rhs, spec)
+
+
+# One function object per implementation: Flax modules compare their fields, and a stable
+# object keeps module definitions (and jit caches) equal across builds.
+_FUNCTIONS: dict[str, Callable | None] = {
+    "xla": None,  # nn.Conv's default, lax.conv_general_dilated
+    "shifted": functools.partial(_conv_general_dilated, wgrad="shifted"),
+    "im2col": functools.partial(_conv_general_dilated, wgrad="im2col"),
+}
+
+
+def conv_function(conv_impl: str) -> Callable | None:
+    """The `conv_general_dilated` argument of `nn.Conv` for a resolved implementation
+    (None: Flax's default, `lax.conv_general_dilated`)."""
+    if conv_impl not in _FUNCTIONS:
+        raise ValueError(f"conv_impl must be resolved to one of {', '.join(IMPLS)} "
+                         f"(models.conv.resolve), not {conv_impl!r}")
+    return _FUNCTIONS[conv_impl]
