@@ -79,8 +79,66 @@ def test_deterministic_by_seed(demo, tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    summary = md.main(["--out", str(tmp_path / "d"), "--seed", "2", "--num-train", "3",
-                       "--num-val", "2"])
-    assert summary["splits"]["train2017"]["images"] == 3
+    assert md.main(["solov2-make-demo", "--out", str(tmp_path / "d"), "--seed", "2",
+                    "--num-train", "3", "--num_val", "2", "--preset", "easy"]) == 0
     assert "train2017: 3 images" in capsys.readouterr().out
-    assert (tmp_path / "d" / "annotations" / "instances_val2017.json").exists()
+    data = json.loads((tmp_path / "d" / "annotations" / "instances_val2017.json").read_text())
+    assert data["info"]["preset"] == "easy" and len(data["images"]) == 2
+    assert md.main(["solov2-make-demo", "--out", str(tmp_path / "e"), "--preset",
+                    "medium"]) == 1
+    assert "solov2-make-demo: error:" in capsys.readouterr().err
+    assert md.main(["solov2-make-demo", "--num_train", "1"]) == 1
+    assert "--out DIR is required" in capsys.readouterr().err
+    assert md.main(["solov2-make-demo", "--help"]) == 0
+    assert "--preset" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def easy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("easy")
+    md.make_demo(str(out), seed=0, num_train=64, num_val=8, preset="easy")
+    return out
+
+
+def test_easy_preset_statistics(easy):
+    data = json.loads((easy / "annotations" / "instances_train2017.json").read_text())
+    anns, imgs = data["annotations"], data["images"]
+    assert all((i["height"], i["width"]) == (128, 128) for i in imgs)
+    per_image = np.bincount([a["image_id"] - 1 for a in anns], minlength=len(imgs))
+    assert per_image.min() >= 1 and per_image.max() <= 3  # no empty images, no crowds
+    assert per_image.mean() > 1.5
+    assert not any(a["iscrowd"] for a in anns)
+    counts = np.bincount([a["category_id"] for a in anns], minlength=10)[[1, 3, 7, 9]]
+    assert counts.min() >= 0.15 * len(anns), counts  # all four classes, roughly balanced
+    sides = np.array([np.sqrt(a["area"]) for a in anns])
+    assert sides.min() >= 10 and sides.max() <= 64  # large for a 128 px image
+    assert np.median(sides) > 25
+    coco = COCO(str(easy / "annotations" / "instances_train2017.json"))
+    for image_id, img in coco.imgs.items():
+        masks = np.stack([coco.annToMask(a) for a in coco.imgToAnns[image_id]])
+        # Separate: no two shapes touch (a dilated mask never meets another one).
+        grown = np.stack([cv2.dilate(m, np.ones((5, 5), np.uint8)) for m in masks])
+        assert (grown.astype(int).sum(0) <= 1).all(), img["file_name"]
+        # Every pixel of a shape has the shape's hue; the background is plain grey-ish.
+        bgr = cv2.imread(str(easy / "train2017" / img["file_name"])).astype(float)
+        near = cv2.dilate(masks.max(0), np.ones((9, 9), np.uint8))  # JPEG ringing
+        assert bgr[near == 0].std(0).max() < 8
+        for a, m in zip(coco.imgToAnns[image_id], masks, strict=True):
+            inner = cv2.erode(m, np.ones((3, 3), np.uint8)).astype(bool)
+            rgb = bgr[inner][:, ::-1].mean(0)
+            want = np.asarray(md._EASY_COLORS[a["category_id"]], float)
+            assert np.abs(rgb - want).max() <= 30, (img["file_name"], rgb, want)
+    rings = [a for a in anns if a["category_id"] == 9]
+    assert rings and all(isinstance(a["segmentation"]["counts"], str) for a in rings)
+
+
+def test_easy_preset_deterministic_by_seed(easy, tmp_path):
+    md.make_demo(str(tmp_path / "prefix"), seed=0, num_train=5, num_val=2, preset="easy")
+    prefix, full = _files(tmp_path / "prefix"), _files(easy)
+    assert prefix["train2017/000000000005.jpg"] == full["train2017/000000000005.jpg"]
+    assert prefix["val2017/000000500002.jpg"] == full["val2017/000000500002.jpg"]
+    md.make_demo(str(tmp_path / "other"), seed=1, num_train=5, num_val=2, preset="easy")
+    other = _files(tmp_path / "other")
+    assert other["train2017/000000000005.jpg"] != full["train2017/000000000005.jpg"]
+    with pytest.raises(ValueError, match="unknown make_demo preset 'medium'"):
+        md.make_demo(str(tmp_path / "bad"), preset="medium")
