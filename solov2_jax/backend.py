@@ -334,3 +334,15 @@ def requested(fv, config) -> str:
         return str(config.train.get("backend", "auto") or "auto")
     except AttributeError:
         return "auto"
+
+
+# XLA:CPU lowers convolutions to YNNPACK fusions by default in this jaxlib; for SOLOv2's
+# training step (weight gradients in particular) its own kernels were faster in a probe.
+YNN_CONV_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+def cpu_xla_flags(ynn_convolutions: bool = True) -> list[str]:
+    """XLA_FLAGS entries for XLA:CPU: [] by default; with `ynn_convolutions=False` the
+    flag that keeps individual convolutions out of YNNPACK fusions. XLA reads XLA_FLAGS
+    once, when JAX initialises its backends, so set them before that (a new process)."""
+    return [] if ynn_convolutions else [YNN_CONV_OFF]
