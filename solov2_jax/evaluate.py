@@ -29,9 +29,7 @@ several hosts).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import os
 import time
@@ -121,8 +119,9 @@ def coco_metrics(gt, results, image_ids, cat_ids, iou_type: str = "segm",
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
+    from solov2_jax.reporting import captured_stdout
+
+    with captured_stdout("pycocotools") as log:
         if results:
             dt = gt.loadRes([dict(r) for r in results])  # loadRes adds keys in place
         else:  # loadRes cannot take an empty list; no detections is a valid AP of 0
@@ -138,7 +137,10 @@ def coco_metrics(gt, results, image_ids, cat_ids, iou_type: str = "segm",
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    logging.info("COCOeval %s:\n%s", iou_type, log.getvalue())
+    # The summary table only, without pycocotools' "Running per image evaluation..." lines.
+    table = [line for line in log.getvalue().splitlines() if line.lstrip().startswith("Average")]
+    logging.info("COCOeval %s, %d images:\n%s", iou_type, len(ev.params.imgIds),
+                 "\n".join(table))
     out = {f"{iou_type}_{n}": float(v) for n, v in zip(METRIC_NAMES, ev.stats[:6], strict=True)}
     if classwise:
         out[f"{iou_type}_classwise"] = _classwise(ev, gt, cat_ids)
@@ -149,7 +151,9 @@ def coco_metrics(gt, results, image_ids, cat_ids, iou_type: str = "segm",
 def _load_gt(path: str, mtime: float):
     from pycocotools.coco import COCO
 
-    with contextlib.redirect_stdout(io.StringIO()):
+    from solov2_jax.reporting import captured_stdout
+
+    with captured_stdout("pycocotools"):  # "loading annotations into memory..."
         return COCO(path)
 
 
@@ -261,7 +265,9 @@ def _execute(fv) -> dict:
     from solov2_jax.config import check_config
 
     check_config(fv.config)
-    from solov2_jax import backend
+    from solov2_jax import backend, reporting
+
+    reporting.setup()  # quiet TF/TFDS/orbax before TensorFlow is imported
 
     backend.start(backend.configure(backend.requested(fv, fv.config)))
     if not fv.weights and not fv.workdir:

@@ -169,7 +169,8 @@ def make_p_train_step(config, model, tx, schedule, trainable, devices=None):
 
     def traced(state, batch):
         traces.append(tuple(batch["image"].shape))  # runs once per compilation
-        logging.info("compiling train_step for per-device images %s", batch["image"].shape)
+        logging.info("compiling the train step for shape %s (per-device images; program "
+                     "%d, one per input shape)", tuple(batch["image"].shape), len(traces))
         return step(state, batch)
 
     return jax.pmap(traced, axis_name=AXIS, donate_argnums=(0,), devices=devices), traces
@@ -240,10 +241,13 @@ def _feed(iterator, start: int, save_at, input_state: InputState):
 
 def prepare_data(config, workdir: str):
     """(TFDS builder, split size) of config.data (or the demo data under workdir)."""
+    from solov2_jax import reporting
     from solov2_jax.data import prepare
 
     def build():
-        _, builder, summary = prepare.dataset_from_config(config.data, workdir)
+        # TFDS prints "Downloading and preparing dataset ..." whatever its log level.
+        with reporting.captured_stdout("TFDS"):
+            _, builder, summary = prepare.dataset_from_config(config.data, workdir)
         return builder, summary
 
     # Process 0 builds first; the others then find it prepared (on a shared workdir) or
@@ -275,7 +279,10 @@ def restore_variables(workdir: str) -> dict:
     return checkpoint.load_variables(workdir)
 
 
-def _log_metrics(workdir: str, step: int, window: list, seconds: float, images: int) -> None:
+def _log_metrics(writer, metrics_path: str, step: int, window: list,
+                 images_per_s: float) -> None:
+    """Window means of the step metrics (lr and fp16 state: last step) as train/<name> to
+    the metric writers, and one metrics.jsonl row {"step", <name>: ...}."""
     from solov2_jax import checkpoint
 
     host = [{k: v[0] for k, v in m.items()} for m in window]
@@ -284,14 +291,24 @@ def _log_metrics(workdir: str, step: int, window: list, seconds: float, images: 
     for k in ("loss_scale", "fp16_skipped_steps"):  # fp16: values at the last step
         if k in host[-1]:
             avg[k] = float(host[-1][k])
-    avg["images_per_s"] = images / max(seconds, 1e-9)
-    logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in avg.items()))
+    avg["images_per_s"] = images_per_s
+    writer.write_scalars(step, {f"train/{k}": v for k, v in avg.items()})
     overflow = sum(m["num_overflow"] for m in host)
     if overflow > 0:
         logging.warning("step %d: %d positive pairs dropped (raise loss.max_positives)",
                         step, overflow)
     # Strict JSON: a non-finite value is written as null, never as a bare NaN token.
-    checkpoint.append_metrics(os.path.join(workdir, "metrics.jsonl"), {"step": step, **avg})
+    checkpoint.append_metrics(metrics_path, {"step": step, **avg})
+
+
+def _log_eval(writer, metrics_path: str, step: int, metrics: dict) -> None:
+    """Evaluation results as eval/<name> scalars and a metrics.jsonl row
+    {"step", "eval": {...}}."""
+    from solov2_jax import checkpoint
+
+    writer.write_scalars(step, {f"eval/{k}": float(v) for k, v in metrics.items()
+                                if isinstance(v, int | float | np.number)})
+    checkpoint.append_metrics(metrics_path, {"step": step, "eval": metrics})
 
 
 class TrainingDiverged(UserError):
@@ -333,8 +350,18 @@ def build_training(config, num_images: int, global_batch: int):
     return model, tx, schedule, trainable, spe, total
 
 
-def train_and_evaluate(config, workdir: str, *, run_eval: bool = False) -> dict:
+def train_and_evaluate(config, workdir: str, *, evaluator=None) -> dict:
     """Trains (resuming from <workdir>/checkpoints) and returns the final variables.
+
+    evaluator(variables, step) -> {name: value} (built by the entry point; the trainer
+    does not import the evaluation code) is called every `train.eval_every_epochs` epochs
+    (0: never during training) and on the final variables; its numbers go to the metric
+    writers as eval/<name> and to metrics.jsonl as {"step", "eval": {...}}.
+
+    Reporting: <workdir>/config.json (the resolved config), TensorBoard event files and
+    the log (clu's default metric writers: train/loss, train/lr, ..., eval/segm_mAP, ...),
+    metrics.jsonl (the same train numbers, one row per train.log_every steps), and a
+    progress line with images/s excluding compilation and an ETA (`reporting.Progress`).
 
     Divergence guard: the metrics of every step are checked for NaN/inf at each logging
     step and before each checkpoint save; a non-finite loss or gradient norm raises
@@ -343,7 +370,9 @@ def train_and_evaluate(config, workdir: str, *, run_eval: bool = False) -> dict:
     steps are skipped on device instead). Checkpoints, final_variables and metrics.jsonl
     therefore never hold NaN.
     """
-    from solov2_jax import checkpoint
+    from clu import metric_writers
+
+    from solov2_jax import checkpoint, reporting
     from solov2_jax import config as config_lib
     from solov2_jax.data import pipeline
 
@@ -351,12 +380,16 @@ def train_and_evaluate(config, workdir: str, *, run_eval: bool = False) -> dict:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     lead = jax.process_index() == 0
+    if lead:
+        logging.info("config: %s", reporting.write_config(config, workdir))
     mesh = local_mesh()
     global_batch = int(config.data.per_device_batch) * jax.device_count()
     builder, _ = prepare_data(config, workdir)
     num_images = pipeline.count_train_images(builder, config.data)
     model, tx, schedule, trainable, spe, total = build_training(config, num_images,
                                                                 global_batch)
+    logging.info("initialising the model variables (%s)", config.train.pretrained
+                 or config.train.init_checkpoint or "random")
     state = create_train_state(config, jax.random.PRNGKey(int(config.train.seed)),
                                model=model, tx=tx)
     state = dict(vars(jax.tree.map(np.asarray, state)))  # orbax (de)serialises plain dicts
@@ -391,19 +424,23 @@ def train_and_evaluate(config, workdir: str, *, run_eval: bool = False) -> dict:
             for _ in range(start):
                 next(iterator)
         logging.info("resumed from step %d", start)
+    eval_every = int(config.train.eval_every_epochs) * spe if evaluator is not None else 0
     if lead:
         dropped = checkpoint.truncate_metrics(metrics_path, start)
         if dropped:
             logging.info("metrics.jsonl: dropped %d rows after step %d (re-trained now)",
                          dropped, start)
         logging.info("%d train images, global batch %d, %d steps/epoch, training steps "
-                     "%d -> %d", num_images, global_batch, spe, start, total)
+                     "%d -> %d%s", num_images, global_batch, spe, start, total,
+                     f", evaluating every {eval_every} steps" if eval_every > 0 else "")
     save_at = {s for s in range(start + 1, total + 1) if s % every == 0 or s == total}
     batches = pipeline.prefetch_to_device(_feed(iterator, start, save_at, input_state), 2)
     p_step, traces = make_p_train_step(config, model, tx, schedule, trainable)
     rstate = replicate(TrainState(**state), mesh)
     max_skips = int(config.train.get("max_nonfinite_skips", 0))
     skipped = []  # steps skipped for non-finite values (only with max_skips > 0)
+    # TensorBoard event files in the workdir (lead only) + the log (every process).
+    writer = metric_writers.create_default_writer(workdir, just_logging=not lead)
 
     def check(entries, log_step):
         """Raises TrainingDiverged for the first non-finite step of entries [(step, m)]."""
@@ -429,7 +466,16 @@ def train_and_evaluate(config, workdir: str, *, run_eval: bool = False) -> dict:
                 f"Stopped without saving anything from step {s} on; {last}. Lower "
                 "optim.lr, or set train.max_nonfinite_skips to skip a few such steps.")
 
-    window, unchecked, t0, step = [], [], time.perf_counter(), start
+    def run_evaluator(step, variables):
+        t = time.perf_counter()
+        logging.info("evaluating step %d", step)
+        metrics = evaluator(variables, step)
+        if lead:
+            _log_eval(writer, metrics_path, step, metrics)
+        progress.excluded(time.perf_counter() - t)
+
+    progress = reporting.Progress(start, total, global_batch)
+    window, unchecked, step = [], [], start
     try:
         while step < total:
             try:
@@ -438,7 +484,10 @@ def train_and_evaluate(config, workdir: str, *, run_eval: bool = False) -> dict:
                 raise UserError(f"the input pipeline of split '{config.data.train_split}' "
                                 "yields no batch: no image is left after filtering "
                                 "(filter_empty_gt, min_size)") from None
+            compiled, t = len(traces), time.perf_counter()
             rstate, metrics = p_step(rstate, batch)
+            if len(traces) > compiled:  # this call traced and compiled a new shape
+                progress.excluded(time.perf_counter() - t)
             step += 1
             window.append(metrics)
             unchecked.append((step, metrics))
@@ -451,27 +500,32 @@ def train_and_evaluate(config, workdir: str, *, run_eval: bool = False) -> dict:
                     check(zip([s for s, _ in unchecked], host, strict=True), step)
                 except TrainingDiverged:
                     if lead:
-                        _log_metrics(workdir, step, jax.device_get(window),
-                                     time.perf_counter() - t0, len(window) * global_batch)
+                        _log_metrics(writer, metrics_path, step, jax.device_get(window),
+                                     progress.report(step))
                     raise
                 unchecked = []
             if log_now:
                 window = jax.device_get(window)
+                images_per_s = progress.report(step)
                 if lead:
-                    _log_metrics(workdir, step, window, time.perf_counter() - t0,
-                                 len(window) * global_batch)
-                window, t0 = [], time.perf_counter()
+                    _log_metrics(writer, metrics_path, step, window, images_per_s)
+                window = []
             if step in save_at:
                 staged = input_state.staged(step)
                 ckpts.save(step, dict(vars(unreplicate(rstate))),
                            staged if os.path.isdir(staged) else None)
                 input_state.prune({s for s in save_at if s > step})
+            if eval_every > 0 and step % eval_every == 0 and step < total:
+                current = unreplicate(rstate)
+                run_evaluator(step, {"params": current.params,
+                                     "batch_stats": current.batch_stats})
         if lead and traces:
-            logging.info("train_step compiled %d times: %s", len(traces), traces)
+            logging.info("train step compiled %d times: %s", len(traces), traces)
         final = unreplicate(rstate)
     finally:
         ckpts.close()
         input_state.prune(set())  # staged states of steps that will not be saved now
+        writer.flush()
     variables = {"params": final.params, "batch_stats": final.batch_stats}
     bad = checkpoint.first_nonfinite(variables)
     if bad:  # unreachable while the guard above holds; never overwrite a good model
@@ -484,12 +538,9 @@ def train_and_evaluate(config, workdir: str, *, run_eval: bool = False) -> dict:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("solov2 final_variables written")
-    if run_eval:
-        from solov2_jax import evaluate  # lazy: written separately, not needed to train
-
-        metrics = evaluate.evaluate(config, variables, workdir=workdir)
-        if lead:
-            checkpoint.append_metrics(metrics_path, {"step": step, "eval": metrics})
+    if evaluator is not None:
+        run_evaluator(step, variables)
+    writer.close()
     return variables
 
 
@@ -499,8 +550,9 @@ def _define_flags(fv, argv):
     cli.define_config_flag(fv, argv)  # packaged name or path
     flags.DEFINE_string("workdir", None, "checkpoints, metrics and demo data go here",
                         flag_values=fv)
-    flags.DEFINE_bool("eval", False, "evaluate the final weights (solov2_jax.evaluate)",
-                      flag_values=fv)
+    flags.DEFINE_bool("eval", False, "evaluate (solov2_jax.evaluate) every "
+                      "config.train.eval_every_epochs epochs (0: never during training) and "
+                      "the final weights", flag_values=fv)
     flags.DEFINE_bool("distributed", False, "multi-host: jax.distributed.initialize()",
                       flag_values=fv)
     flags.DEFINE_string("coordinator", None, "with --distributed: host:port of process 0's "
@@ -513,12 +565,6 @@ def _define_flags(fv, argv):
     backend.add_flag(fv)
 
 
-def _drop_orbax_info(record) -> bool:
-    """orbax logs every save at INFO through absl: keep its warnings, drop the chatter."""
-    return record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in \
-        record.pathname
-
-
 def main(argv: list[str]) -> int:
     """CLI (callable in-process); returns the exit status. `--help` lists the flags; user
     errors print one `solov2-train: error: ...` line (`cli.absl_main`)."""
@@ -528,16 +574,28 @@ def main(argv: list[str]) -> int:
 def _execute(fv, inputs) -> int:
     from absl import flags
 
+    from solov2_jax import reporting
+
     config = fv.config
     if config is None or not fv.workdir:
         raise flags.Error("--config and --workdir are required")
+    reporting.setup()  # quiet TF/TFDS/orbax before TensorFlow is imported
     plan = backend.configure(backend.requested(fv, config))  # before JAX initialises
     if fv.distributed:
         jax.distributed.initialize(coordinator_address=fv.coordinator,
                                    num_processes=fv.num_processes, process_id=fv.process_id)
-    logging.get_absl_logger().addFilter(_drop_orbax_info)  # same object: added once
     backend.start(plan)  # start-up report: backend, devices, processes
-    train_and_evaluate(config, fv.workdir, run_eval=fv.eval)
+    evaluator = None
+    if fv.eval:
+        # The entry point builds the evaluator; the trainer never imports evaluation code.
+        from solov2_jax import evaluate
+
+        workdir = os.path.abspath(fv.workdir)
+
+        def evaluator(variables, step):
+            return evaluate.evaluate(config, variables, workdir=workdir)
+
+    train_and_evaluate(config, fv.workdir, evaluator=evaluator)
     return 0
 
 
