@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from solov2_jax.models import canvas
+from solov2_jax.precision import at_least_float32
 from solov2_jax.targets import SOLOv2Targets
 
 # mmdet's weight_reduce_loss adds float32 eps to avg_factor.
@@ -41,8 +42,8 @@ def sigmoid_focal_loss(
     logits: jax.Array, targets: jax.Array, *, gamma: float = 2.0, alpha: float = 0.25
 ) -> jax.Array:
     """Elementwise mmdet `py_sigmoid_focal_loss` (no reduction); same shapes, float32."""
-    x = logits.astype(jnp.float32)
-    t = targets.astype(jnp.float32)
+    x = at_least_float32(logits)
+    t = targets.astype(x.dtype)
     p = jax.nn.sigmoid(x)
     pt = (1 - p) * t + p * (1 - t)  # (1 - p_t) of the paper, as mmdet names it
     # integer_pow keeps gamma=2 exact and its gradient finite at pt == 0.
@@ -63,10 +64,10 @@ def dice_loss(
     1 - 2 * sum(p * t) / ((sum(p^2) + eps) + (sum(t^2) + eps)). `valid` (broadcastable
     bool) restricts the sums to mmdet's canvas: pixels past it do not exist there.
     """
-    p = jax.nn.sigmoid(mask_logits.astype(jnp.float32))
+    p = jax.nn.sigmoid(at_least_float32(mask_logits))
     if valid is not None:
         p = jnp.where(valid, p, 0.0)
-    t = mask_targets.astype(jnp.float32)
+    t = mask_targets.astype(p.dtype)
     a = jnp.sum(p * t, axis=(-2, -1))
     b = jnp.sum(p * p, axis=(-2, -1)) + eps
     c = jnp.sum(t * t, axis=(-2, -1)) + eps
@@ -147,7 +148,7 @@ def solov2_loss(
     loss_mask = jnp.where(
         total > 0,
         dice_sum / jnp.where(total > 0, mask_norm, 1.0),
-        0.0 * jnp.sum(mask_feats.astype(jnp.float32)),
+        0.0 * jnp.sum(at_least_float32(mask_feats)),
     )
 
     # Category branch: one-hot over C classes; label num_classes gives an all-zero row.

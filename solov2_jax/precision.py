@@ -29,10 +29,19 @@ def compute_dtype(config):
     return DTYPES[name(config)]
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """x as float32 if it is a narrower float (bf16/fp16); float32/float64 unchanged.
+
+    Targets and losses run in float32 whatever the convolutions' dtype; a float64 model
+    (the float64 parity checks of the whole train step) keeps float64 all the way.
+    """
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def to_float32(tree):
-    """Floating leaves of `tree` (e.g. a SOLOv2Output) as float32; others unchanged."""
+    """Floating leaves of `tree` (e.g. a SOLOv2Output) `at_least_float32`; others unchanged."""
     return jax.tree.map(
-        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+        lambda x: at_least_float32(x) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 # fp16 optimiser state: {"tx": the optax state, "loss_scale": {"scale", "counter",
