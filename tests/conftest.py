@@ -1,12 +1,20 @@
 """Test-wide setup: 8 forced CPU devices (before JAX starts) and the mmdet fixture."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Multi-device (pmap) tests run on CPU by splitting the host into 8 XLA devices. This has
 # to happen before JAX initialises its backends, i.e. before any test module imports jax.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Entry points called in-process turn on the persistent XLA cache (cli.setup_compile_cache,
+# default ~/.cache/solov2_jax/xla): tests keep theirs in a fresh temporary directory.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="solov2_xla_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 
