@@ -8,9 +8,12 @@ trainable parameters only (stem + layer1 are never differentiated) -> pmean over
 (mmdet's DDP averages gradients) -> mmdet's SGD recipe (`optim.py`). BatchNorm statistics
 are frozen (norm_eval), so `batch_stats` never change.
 
-Outputs under --workdir: checkpoints/<step> (orbax: step, params, batch_stats,
-opt_state), input_state/process_<i>/step_<step> (tf.data iterator state), metrics.jsonl,
-final_variables (orbax {'params', 'batch_stats'}, loadable with `convert.load_variables`).
+Outputs under --workdir: config.json (the resolved config), checkpoints/<step> (orbax:
+step, params, batch_stats, opt_state), input_state/process_<i>/step_<step> (tf.data
+iterator state), metrics.jsonl and TensorBoard event files (train/loss, ...,
+eval/segm_mAP, ...: `tensorboard --logdir <workdir>`), final_variables (orbax
+{'params', 'batch_stats'}, loadable with `convert.load_variables`). With --eval the
+weights are evaluated every config.train.eval_every_epochs epochs and at the end.
 
 Exact resume. The input stream is deterministic given the seed, but reconstructing it
 by skipping N batches would re-decode every consumed image (hours at COCO scale), so the
@@ -568,6 +571,9 @@ def _define_flags(fv, argv):
 def main(argv: list[str]) -> int:
     """CLI (callable in-process); returns the exit status. `--help` lists the flags; user
     errors print one `solov2-train: error: ...` line (`cli.absl_main`)."""
+    from solov2_jax import reporting
+
+    reporting.setup(tensorflow=False)  # log filter before cli's compile-cache set-up logs
     return cli.absl_main("solov2-train", __doc__, _define_flags, _execute, argv)
 
 

@@ -1,7 +1,10 @@
 """Training loop on 8 forced CPU devices: pmapped step, overfitting, exact resume, CLI."""
 
+import glob
 import json
 import os
+import re
+import subprocess
 import sys
 import types
 
@@ -198,3 +201,90 @@ def test_cli_and_exact_resume(demo, trainer, tmp_path, monkeypatch):
 def test_cli_rejects_missing_flags(capsys):
     assert train.main(["solov2-train", "--workdir=/nonexistent"]) == 1
     assert "--config" in capsys.readouterr().err
+
+
+def _event_scalars(workdir) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the TensorBoard event files in workdir."""
+    import tensorflow as tf
+
+    out = {}
+    for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for v in event.summary.value:
+                out.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
+    return out
+
+
+def test_cli_reports_progress_tensorboard_and_a_quiet_console(demo, trainer, tmp_path):
+    """A 20-step `python -m solov2_jax.train --eval` run with evaluation every 5 epochs,
+    in a fresh process: TensorBoard events with train/* and eval/*, config.json equal to
+    the resolved config, and a console with progress and an ETA but no TF/TFDS/orbax
+    chatter. The TFDS data is prepared by this run (a new data_dir), so TFDS's own
+    "Downloading and preparing" print would show up if it were not captured."""
+    cfg = trainer["cfg"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workdir = str(tmp_path / "run")
+    overrides = {"data.coco_dir": cfg.data.coco_dir, "data.data_dir": str(tmp_path / "tfds"),
+                 "data.per_device_batch": 1, "data.train_scales": ((160, 128),),
+                 "optim.warmup_iters": 3, "optim.lr": 0.01, "optim.epochs": 100,
+                 "optim.milestones": (90,), "train.log_every": 2,
+                 "checkpoint.every_steps": 10, "train.max_steps": 20,
+                 "train.eval_every_epochs": 5}
+    # Same programs as the in-process tests (8 devices, same shapes): the module's
+    # persistent compilation cache serves them (cli's --compile_cache).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}  # setup()'s job
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    argv = [sys.executable, "-m", "solov2_jax.train", f"--config={root}/configs/tiny.py",
+            f"--workdir={workdir}", "--eval",
+            f"--compile_cache={jax.config.jax_compilation_cache_dir}",
+            *(f"--config.{k}={v}" for k, v in overrides.items())]
+    run = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True,
+                         timeout=900)
+    console = run.stdout + run.stderr
+    (tmp_path / "console.log").write_text(console)  # kept for reading (pytest's tmp dirs)
+    assert run.returncode == 0, console[-3000:]
+
+    for noise in ("oneDNN", "absl::InitializeLog", "Downloading and preparing",
+                  "Subsequent calls will reuse", "Sharding callback", "creating index",
+                  "loading annotations", "Constructing tf.data", "Creating a tf.data",
+                  "deprecated", "Done writing", "Running per image evaluation",
+                  "compilation_cache.py"):
+        assert noise not in console, (noise, console)
+    assert re.search(r"step 20/20 \(100\.0%\), [0-9.e+]+ img/s, ETA 0s", console), console
+    assert re.search(r"step 10/20 \(50\.0%\), [0-9.e+]+ img/s, ETA \d+s", console), console
+    assert "compiling the train step for shape (1, 128, 160, 3)" in console
+
+    # metrics.jsonl as before: train rows every 2 steps, eval rows at each evaluation.
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_rows = [r for r in rows if "eval" not in r]
+    eval_rows = [r for r in rows if "eval" in r]
+    assert [r["step"] for r in train_rows] == list(range(2, 21, 2))
+    spe = train.optim.steps_per_epoch(
+        pipeline.count_train_images(trainer["builder"], cfg.data), NUM_DEV)
+    periodic = list(range(5 * spe, 20, 5 * spe))
+    assert periodic and [r["step"] for r in eval_rows] == [*periodic, 20]
+    # The COCOeval table once per evaluation, without pycocotools' progress prints.
+    assert console.count("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all") == \
+        len(eval_rows)
+
+    # TensorBoard: the same numbers under one flat namespace.
+    events = _event_scalars(workdir)
+    for name in ("loss", "loss_cls", "loss_mask", "lr", "grad_norm", "images_per_s"):
+        assert events[f"train/{name}"] == pytest.approx(
+            {r["step"]: r[name] for r in train_rows}), name
+    for name in ("segm_mAP", "segm_mAP_50", "segm_mAP_75"):
+        assert events[f"eval/{name}"] == pytest.approx(
+            {r["step"]: r["eval"][name] for r in eval_rows}), name
+
+    # config.json: the resolved config (file + overrides), loadable as a ConfigDict.
+    from ml_collections import ConfigDict
+
+    expected = tiny.get_config()
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        expected[section][field] = value
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    assert saved == json.loads(expected.to_json_best_effort())
+    assert ConfigDict(saved).to_json_best_effort() == expected.to_json_best_effort()
