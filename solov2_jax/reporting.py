@@ -156,18 +156,21 @@ class Progress:
         return images_per_s
 
 
-def write_config(config, workdir: str) -> str:
-    """Writes the resolved config as <workdir>/config.json (atomically); returns its
-    path. A different config.json of an earlier run in the same workdir is replaced,
-    with a warning."""
+def write_config(config, workdir: str, step: int = 0) -> str:
+    """Writes the resolved config as <workdir>/config.json (atomically) and returns its
+    path. Nothing is overwritten: a run resumed at `step` with a config that differs
+    from config.json (the first run's) writes config_step_<step>.json, with a warning;
+    with the same config nothing is written."""
     from solov2_jax.checkpoint import atomic_write
 
     path = os.path.join(workdir, "config.json")
     text = config.to_json_best_effort(indent=2) + "\n"
     if os.path.exists(path):
         with open(path) as f:
-            if f.read() != text:
-                logging.warning("%s: the config differs from the earlier run's; replaced",
-                                path)
+            if f.read() == text:
+                return path
+        path = os.path.join(workdir, f"config_step_{step}.json")
+        logging.warning("the config differs from %s/config.json (the first run's); this "
+                        "run's (from step %d) is written to %s", workdir, step, path)
     atomic_write(path, text)
     return path

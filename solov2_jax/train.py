@@ -8,7 +8,8 @@ trainable parameters only (stem + layer1 are never differentiated) -> pmean over
 (mmdet's DDP averages gradients) -> mmdet's SGD recipe (`optim.py`). BatchNorm statistics
 are frozen (norm_eval), so `batch_stats` never change.
 
-Outputs under --workdir: config.json (the resolved config), checkpoints/<step> (orbax:
+Outputs under --workdir: config.json (the resolved config; a resumed run with another
+config adds config_step_<step>.json), checkpoints/<step> (orbax:
 step, params, batch_stats, opt_state), input_state/process_<i>/step_<step> (tf.data
 iterator state), metrics.jsonl and TensorBoard event files (train/loss, ...,
 eval/segm_mAP, ...: `tensorboard --logdir <workdir>`), final_variables (orbax
@@ -383,8 +384,6 @@ def train_and_evaluate(config, workdir: str, *, evaluator=None) -> dict:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     lead = jax.process_index() == 0
-    if lead:
-        logging.info("config: %s", reporting.write_config(config, workdir))
     mesh = local_mesh()
     global_batch = int(config.data.per_device_batch) * jax.device_count()
     builder, _ = prepare_data(config, workdir)
@@ -429,6 +428,7 @@ def train_and_evaluate(config, workdir: str, *, evaluator=None) -> dict:
         logging.info("resumed from step %d", start)
     eval_every = int(config.train.eval_every_epochs) * spe if evaluator is not None else 0
     if lead:
+        logging.info("config: %s", reporting.write_config(config, workdir, start))
         dropped = checkpoint.truncate_metrics(metrics_path, start)
         if dropped:
             logging.info("metrics.jsonl: dropped %d rows after step %d (re-trained now)",

@@ -80,6 +80,15 @@ def test_write_config_round_trips(tmp_path):
     assert again.optim.lr == config.optim.lr
     assert [list(s) for s in config.data.train_scales] == again.data.train_scales
 
+    # A resume with the same config writes nothing; with another, a second file.
+    assert reporting.write_config(config, str(tmp_path), 40) == path
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]
+    config.optim.lr = 0.5
+    other = reporting.write_config(config, str(tmp_path), 40)
+    assert other == str(tmp_path / "config_step_40.json")
+    assert json.load(open(other))["optim"]["lr"] == 0.5
+    assert json.load(open(path)) == loaded  # the first run's config is kept
+
 
 def test_setup_silences_tensorflow_at_import():
     """A fresh process: setup() before TensorFlow is imported leaves stderr empty of TF's
