@@ -22,7 +22,7 @@ size); ours the pmapped `train.train_step` and `predict.Program` (masks unpacked
 host). Our host-side mask reductions (done by tf.data in parallel to training) are not
 timed.
 
-Sides: `mmdet`, `ours`, and ours variants `ours+conv=xla|shifted|im2col` (the conv
+Sides: `mmdet`, `ours`, and ours variants `ours+conv=xla|shifted|shifted_dot1x1` (the conv
 implementation, `models.conv`) and `+ynn` (XLA:CPU's YNNPACK convolution fusion off,
 `backend.cpu_xla_flags`); a variant-only run compares ours against ours (converted mmdet
 weights still need torch + mmdet installed).
@@ -63,6 +63,8 @@ QUICK_CASES = ["r50:train:1", "r50:predict:1", "r18:train:1", "r18:predict:4"]
 GPU_CASES = [f"{m}:{mode}:{b}:{p}" for m in ("r50", "r18") for mode in ("train", "predict")
              for b in (2, 8) for p in ("fp32", "bf16")]
 NUM_INSTANCES = 6
+# models.conv.CHOICES (not imported: the parent process stays free of JAX).
+CONV_CHOICES = ("auto", "xla", "shifted", "shifted_dot1x1")
 MSG = "@@bench "  # prefix of worker protocol lines on stdout (libraries print too)
 
 
@@ -356,7 +358,7 @@ def parse_side(spec: str) -> dict:
     for o in opts:
         if o == "ynn":
             out["ynn"] = True
-        elif o.startswith("conv=") and o[5:] in ("auto", "xla", "shifted", "im2col"):
+        elif o.startswith("conv=") and o[5:] in CONV_CHOICES:
             out["conv"] = o[5:]
         else:
             raise SystemExit(f"bench_vs_mmdet.py: bad option {o!r} in side {spec!r}")
@@ -420,6 +422,9 @@ def run_case(case, sides, a, tmp, log) -> list[dict]:
         for it in range(a.iters):
             for i in (list(workers) if it % 2 == 0 else list(workers)[::-1]):
                 times[i].append(workers[i].call("run")["t"])
+            log(f"  round {it + 1}/{a.iters}: " + ", ".join(
+                f"{sides[i]['label']} {times[i][-1]:.2f} s" for i in workers)
+                + f" (load {os.getloadavg()[0]:.1f})")
         load_after = os.getloadavg()[0]
         rows = []
         for i, w in workers.items():
@@ -454,7 +459,8 @@ def main(argv=None) -> None:
     p.add_argument("--cases", default=None,
                    help="comma-separated MODEL:train|predict:BATCH[:fp32|bf16]")
     p.add_argument("--sides", default="mmdet,ours",
-                   help="comma-separated: mmdet, ours, ours+conv=xla|shifted|im2col, +ynn")
+                   help="comma-separated: mmdet, ours, ours+conv=xla|shifted|shifted_dot1x1, "
+                        "+ynn")
     p.add_argument("--iters", type=int, default=5, help="timed iterations per side (>= 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
     p.add_argument("--threads", type=int, default=None,

@@ -10,14 +10,21 @@ only swaps the function it calls for `lax.conv_general_dilated`:
   cotangent, N = B*OH*OW. XLA:CPU runs its weight-gradient convolutions at ~37 GFLOP/s
   (~25 for a 3x3 at P2, 9-13 for 1x1) against ~140-160 for the forward and
   input-gradient convolutions; the same FLOPs as plain dots run at matmul speed.
-- "im2col": as "shifted", but the k*k shifted inputs are concatenated into one
-  [N, k*k*Cin] matrix and multiplied once (one large dot, k*k times the input copied).
+- "shifted_dot1x1": as "shifted", and every 1x1 conv (forward and autodiff) is a plain
+  matrix product. Its forward sums over Cin in the matmul kernel's order, an ulp away
+  from the conv kernel's on some shapes, so it is opt-in until it pays on a quiet machine
+  (no gain measured on the loaded 2-core one; see experiments/bench_vs_mmdet.py).
+
+Measured and dropped: the weight gradient as one im2col matmul (the k*k shifted inputs
+concatenated into [N, k*k*Cin]): 1.3x slower than "shifted" on FPN P2's 3x3 weight
+gradient, no better on the whole r50 step; XLA:CPU's YNNPACK convolution fusion off
+(`backend.cpu_xla_flags`): no gain on top of "shifted".
 
 "auto" (the default of `build_model`) resolves to "shifted" on the CPU backend and "xla"
 everywhere else, at build time (`resolve`). Grouped, input-dilated or non-NHWC/HWIO convs
-always take the XLA path. The forward values and input gradients are XLA's own (bitwise
-equal to "xla"); only the weight gradient's summation order differs (tested to ~1e-6
-relative in tests/models/test_conv_vjp.py).
+always take the XLA path. With "shifted" the forward values and input gradients are
+XLA's own (bitwise equal to "xla"); only the weight gradient's summation order differs
+(within 1e-5 of each tensor's largest value, tests/models/test_conv_vjp.py).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("xla", "shifted", "im2col")
+IMPLS = ("xla", "shifted", "shifted_dot1x1")
 CHOICES = ("auto",) + IMPLS
 
 
@@ -49,7 +56,7 @@ def _nhwc_hwio(ndim: int):
 
 
 def _weight_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strides,
-                 padding, rhs_dilation, precision, wgrad: str, dtype) -> jax.Array:
+                 padding, rhs_dilation, precision, dtype) -> jax.Array:
     """dL/dW [KH, KW, Cin, Cout] of y = conv(x, W) from x [B, H, W, Cin] and
     dy [B, OH, OW, Cout] (float32 accumulation, returned in `dtype`)."""
     kh, kw, cin, cout = kernel_shape
@@ -69,17 +76,13 @@ def _weight_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strid
     tn = (((0,), (0,)), ((), ()))
     dot = functools.partial(lax.dot_general, dimension_numbers=tn, precision=precision,
                             preferred_element_type=jnp.float32)
-    if wgrad == "im2col" and len(taps) > 1:
-        cols = jnp.concatenate(taps, axis=1)  # [N, KH*KW*Cin], tap-major like HWIO
-        grad = dot(cols, dy2)
-    else:
-        grad = jnp.stack([dot(t, dy2) for t in taps])
+    grad = jnp.stack([dot(t, dy2) for t in taps])
     return grad.reshape(kh, kw, cin, cout).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(x: jax.Array, kernel: jax.Array, spec: tuple) -> jax.Array:
-    strides, padding, rhs_dilation, dn, precision, _ = spec
+    strides, padding, rhs_dilation, dn, precision = spec
     return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=rhs_dilation,
                                     dimension_numbers=dn, precision=precision)
 
@@ -90,7 +93,7 @@ def _conv_fwd(x, kernel, spec):
 
 def _conv_bwd(spec, res, dy):
     x, kernel = res
-    strides, padding, rhs_dilation, dn, precision, wgrad = spec
+    strides, padding, rhs_dilation, dn, precision = spec
     # The input gradient is XLA's own transpose of the forward conv (the same HLO the
     # plain autodiff path emits), so it is bitwise equal to "xla".
     (dx,) = jax.linear_transpose(
@@ -99,7 +102,7 @@ def _conv_bwd(spec, res, dy):
                                             dimension_numbers=dn, precision=precision),
         x)(dy)
     dk = _weight_grad(x, dy, kernel.shape, strides, padding, rhs_dilation, precision,
-                      wgrad, kernel.dtype)
+                      kernel.dtype)
     return dx, dk
 
 
@@ -109,7 +112,7 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                           rhs_dilation=None, dimension_numbers=None,
                           feature_group_count=1, batch_group_count=1, precision=None,
-                          preferred_element_type=None, *, wgrad: str):
+                          preferred_element_type=None, *, dot1x1: bool):
     """`lax.conv_general_dilated`'s signature (as `nn.Conv` calls it); the weight
     gradient by matrix products where the conv is a plain 2-D NHWC/HWIO one."""
     nd = lhs.ndim
@@ -126,18 +129,31 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
             feature_group_count=feature_group_count, batch_group_count=batch_group_count,
             precision=precision, preferred_element_type=preferred_element_type)
-    spec = (tuple(int(s) for s in window_strides),
-            tuple((int(lo), int(hi)) for lo, hi in padding),
-            tuple(int(d) for d in (rhs_dilation or (1, 1))), dn, precision, wgrad)
+    strides = tuple(int(s) for s in window_strides)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if dot1x1 and rhs.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
+        return _dot1x1(lhs, rhs, strides, precision)
+    spec = (strides, padding, tuple(int(d) for d in (rhs_dilation or (1, 1))), dn,
+            precision)
     return _conv(lhs, rhs, spec)
+
+
+def _dot1x1(x: jax.Array, kernel: jax.Array, strides, precision) -> jax.Array:
+    """A 1x1 conv as a matrix product (strided input subsampled first); its autodiff is
+    dots too: dX = dY W^T (scattered back for stride 2), dW = X^T dY."""
+    sh, sw = strides
+    if (sh, sw) != (1, 1):
+        b, h, w, c = x.shape
+        x = lax.slice(x, (0, 0, 0, 0), (b, h, w, c), (1, sh, sw, 1))
+    return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())), precision=precision)
 
 
 # One function object per implementation: Flax modules compare their fields, and a stable
 # object keeps module definitions (and jit caches) equal across builds.
 _FUNCTIONS: dict[str, Callable | None] = {
     "xla": None,  # nn.Conv's default, lax.conv_general_dilated
-    "shifted": functools.partial(_conv_general_dilated, wgrad="shifted"),
-    "im2col": functools.partial(_conv_general_dilated, wgrad="im2col"),
+    "shifted": functools.partial(_conv_general_dilated, dot1x1=False),
+    "shifted_dot1x1": functools.partial(_conv_general_dilated, dot1x1=True),
 }
 
 
