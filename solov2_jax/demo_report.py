@@ -88,12 +88,12 @@ def plot_loss_curve(series: dict, evals: list[dict], out_path: str, title: str =
     points = [e for e in evals if isinstance(e.get("segm_mAP"), int | float)]
     if points:
         ap_ax = ax.twinx()
-        for key, marker, color in (("segm_mAP", "o", "tab:red"),
-                                   ("segm_mAP_50", "s", "tab:purple")):
+        for key, marker, color, name in (("segm_mAP", "o", "tab:red", "val mask AP"),
+                                         ("segm_mAP_50", "s", "tab:purple", "val mask AP50")):
             xy = [(e["step"], e[key]) for e in points if isinstance(e.get(key), int | float)]
             if xy:
                 ap_ax.plot(*zip(*xy, strict=True), marker=marker, color=color,
-                           linewidth=1.0, label=f"val {key.replace('segm_', 'mask ')}")
+                           linewidth=1.0, label=name)
         ap_ax.set_ylim(0, 1)
         ap_ax.set_ylabel("validation mask AP")
         more_h, more_l = ap_ax.get_legend_handles_labels()
