@@ -569,9 +569,10 @@ def _output_names(paths: Sequence[str]) -> list[str]:
 
 
 def run_predict(predictor: Predictor, inputs: Sequence[str], out_dir: str, *,
-                progress: bool = True, min_side: int = 0) -> dict:
+                progress: bool = True, min_side: int = 0, draw_thr: float = 0.0) -> dict:
     """Writes overlays, per-image JSONs and results.json; returns a summary dict with
-    'images', 'instances', 'failed' [(path, message)], 'seconds', 'compiled_programs'."""
+    'images', 'instances', 'failed' [(path, message)], 'seconds', 'compiled_programs'.
+    Overlays draw the instances scoring >= draw_thr; the JSONs hold every instance."""
     from tqdm import tqdm
 
     from solov2_jax import visualize
@@ -606,9 +607,11 @@ def run_predict(predictor: Predictor, inputs: Sequence[str], out_dir: str, *,
             atomic_write(os.path.join(out_dir, f"{names[i]}.json"), dumps_strict(
                 {"file": os.path.abspath(paths[i]), "height": h, "width": w,
                  "instances": insts}, indent=1))
+            keep = np.asarray(pred.scores) >= draw_thr
             overlay = visualize.draw_instances(
-                img[..., ::-1], pred.masks, pred.labels, pred.scores,
-                [c["name"] for c in predictor.classes], boxes=pred.boxes, min_side=min_side)
+                img[..., ::-1], pred.masks[keep], pred.labels[keep], pred.scores[keep],
+                [c["name"] for c in predictor.classes], boxes=pred.boxes[keep],
+                min_side=min_side)
             visualize.save_png(os.path.join(out_dir, f"{names[i]}.png"), overlay)
             for inst in insts:
                 x1, y1, x2, y2 = inst["bbox"]
@@ -640,6 +643,9 @@ def _define_flags(fv, argv):
     flags.DEFINE_integer("max_per_img", None, "overrides config.test.max_per_img",
                          flag_values=fv)
     flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
+    flags.DEFINE_float("draw_thr", 0.3, "overlays draw instances scoring at least this "
+                       "(after Matrix NMS; the JSONs and results.json keep every instance)",
+                       flag_values=fv)
     flags.DEFINE_integer("min_side", 0, "overlays of images with a shorter side are "
                          "enlarged (pixels repeated) to at least this", flag_values=fv)
     from solov2_jax import backend
@@ -672,7 +678,7 @@ def _execute(fv, inputs: list[str]) -> dict:
     variables = load_weights(config, fv.weights or fv.workdir, name)
     predictor = Predictor(config, variables)
     summary = run_predict(predictor, inputs, fv.out, progress=fv.progress,
-                          min_side=fv.min_side)
+                          min_side=fv.min_side, draw_thr=fv.draw_thr)
     print(f"solov2-predict: {summary['images']} images, {summary['instances']} instances "
           f"in {summary['seconds']:.1f}s ({summary['compiled_programs']} compiled programs) "
           f"-> {os.path.abspath(fv.out)}")
