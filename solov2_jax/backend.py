@@ -326,6 +326,31 @@ def add_flag(fv) -> None:
                       flag_values=fv)
 
 
+def add_distributed_flags(fv) -> None:
+    """--distributed, --coordinator, --num_processes, --process_id (multi-host runs)."""
+    from absl import flags
+
+    flags.DEFINE_bool("distributed", False, "multi-host: jax.distributed.initialize()",
+                      flag_values=fv)
+    flags.DEFINE_string("coordinator", None, "with --distributed: host:port of process 0's "
+                        "coordinator (default: detected from the cluster environment)",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "with --distributed: number of processes",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "with --distributed: this process's index",
+                         flag_values=fv)
+
+
+def initialize_distributed(fv) -> None:
+    """jax.distributed.initialize() with the flags of `add_distributed_flags`, when
+    --distributed is set (after `configure`, before `start`)."""
+    if fv.distributed:
+        import jax
+
+        jax.distributed.initialize(coordinator_address=fv.coordinator,
+                                   num_processes=fv.num_processes, process_id=fv.process_id)
+
+
 def requested(fv, config) -> str:
     """--backend if given, else config.train.backend, else 'auto'."""
     if getattr(fv, "backend", None):

@@ -171,6 +171,25 @@ def annotation_file(coco_dir: str, split: str) -> str:
     return os.path.join(coco_dir, "annotations", f"instances_{stems[split]}.json")
 
 
+def gather_across_processes(obj) -> list:
+    """[obj of process 0, obj of process 1, ...] on every process ([obj] with one).
+
+    `obj` is JSON-serialisable; it travels as padded uint8 arrays through
+    `multihost_utils.process_allgather`, so no shared filesystem is needed.
+    """
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(
+        np.array([data.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(every[p, :n].tobytes()) for p, n in enumerate(sizes)]
+
+
 def evaluate(config, variables, *, workdir: str, split: str | None = None,
              max_images: int | None = None, bbox: bool = False,
              classwise: bool = False) -> dict:
@@ -197,27 +216,42 @@ def evaluate(config, variables, *, workdir: str, split: str | None = None,
     label_to_cat = [c["id"] for c in cats]
 
     t0 = time.perf_counter()
+    # Several processes: each predicts its slice of every global batch (as training reads
+    # its input), and all of them gather every process's COCO results; then each computes
+    # the same metrics and process 0 writes the files.
+    count, lead = jax.process_count(), jax.process_index() == 0
     ds = pipeline.eval_dataset(builder, config.data, num_local_devices=jax.local_device_count(),
-                               process_index=0, process_count=1, split=split)
+                               process_index=jax.process_index(), process_count=count,
+                               split=split)
     pred = Predictor(config, variables)
     image_ids, instances = [], []
     for ids, insts in predict_batches(pred, pipeline.as_numpy_batches(ds),
-                                      canvas_sizes(gt.dataset["images"]), max_images):
+                                      canvas_sizes(gt.dataset["images"]),
+                                      None if max_images is None else -(-max_images // count)):
         image_ids.extend(int(i) for i in ids)
         instances.extend(insts)
+    results = coco_results(instances, image_ids, label_to_cat)
+    box_results = coco_results(instances, image_ids, label_to_cat, "bbox") if bbox else []
+    parts = gather_across_processes([image_ids, results, box_results])
     seconds = time.perf_counter() - t0
+    image_ids = sorted(i for p in parts for i in p[0])
     if len(set(image_ids)) != len(image_ids):
         raise RuntimeError("an image was evaluated twice (eval pipeline bug)")
-    results = coco_results(instances, image_ids, label_to_cat)
+    # By image (stable: each image's detections keep their order), whatever the process
+    # count: the same files, and COCOeval's score ties break the same way.
+    results = sorted((r for p in parts for r in p[1]), key=lambda r: r["image_id"])
+    box_results = sorted((r for p in parts for r in p[2]), key=lambda r: r["image_id"])
     metrics = coco_metrics(gt, results, image_ids, label_to_cat, classwise=classwise)
-    box_results = coco_results(instances, image_ids, label_to_cat, "bbox") if bbox else []
     if bbox:
         metrics.update(coco_metrics(gt, box_results, image_ids, label_to_cat, "bbox",
                                     classwise=classwise))
     tables = {k: metrics.pop(k) for k in [k for k in metrics if k.endswith("_classwise")]}
     for k, rows in tables.items():
-        print(classwise_table(rows, f"{split} {k} (per-class AP)"))
+        if lead:
+            print(classwise_table(rows, f"{split} {k} (per-class AP)"))
     metrics.update(num_images=len(image_ids), num_detections=len(results))
+    if not lead:
+        return metrics
 
     os.makedirs(workdir, exist_ok=True)
     from solov2_jax.checkpoint import atomic_write_json  # temp name + rename, strict JSON
@@ -255,6 +289,7 @@ def _define_flags(fv, argv):
     from solov2_jax import backend
 
     backend.add_flag(fv)  # --backend {auto,cpu,cuda,ixuca}
+    backend.add_distributed_flags(fv)  # each process evaluates its share of the split
 
 
 def _execute(fv) -> dict:
@@ -269,7 +304,9 @@ def _execute(fv) -> dict:
 
     reporting.setup()  # quiet TF/TFDS/orbax before TensorFlow is imported
 
-    backend.start(backend.configure(backend.requested(fv, fv.config)))
+    plan = backend.configure(backend.requested(fv, fv.config))  # before JAX initialises
+    backend.initialize_distributed(fv)
+    backend.start(plan)
     if not fv.weights and not fv.workdir:
         raise EvaluateError("give --weights DIR and/or --workdir DIR")
     config, name = fv.config, config_flags.get_config_filename(fv["config"])
@@ -280,7 +317,8 @@ def _execute(fv) -> dict:
     workdir = fv.workdir or source.rstrip(os.sep) + "_eval"
     metrics = evaluate(config, variables, workdir=workdir, split=fv.split,
                        max_images=fv.max_images, bbox=fv.bbox, classwise=fv.classwise)
-    print(json.dumps(metrics, indent=1))
+    if jax.process_index() == 0:
+        print(json.dumps(metrics, indent=1))
     return metrics
 
 

@@ -6,8 +6,11 @@ few steps of configs/tiny.py; one process with 8 CPU devices trains the same ste
 global batch, its split over the 8 devices (process p feeds devices 4p..4p+3 with the
 images a single host would put there) and the per-step scale are the same, so the final
 variables must agree to float32 rounding (the two all-reduces sum in different orders).
+Then two processes evaluate the single run's weights (each its share of the split, results
+gathered): the same detections and AP as that run's single-process evaluation.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -40,7 +43,33 @@ def _args(data_root, workdir):
             f"--config.data.coco_dir={data_root / 'demo'}",
             f"--config.data.data_dir={data_root / 'tfds'}",
             f"--config.train.max_steps={STEPS}", "--config.train.log_every=1",
-            "--config.data.train_scales=((160, 128),)", "--config.checkpoint.every_steps=100"]
+            "--config.data.train_scales=((160, 128),)", "--config.checkpoint.every_steps=100",
+            *EVAL_OVERRIDES]
+
+
+# Thresholds low enough that a model trained for 3 steps has detections to evaluate.
+EVAL_OVERRIDES = ["--config.test.score_thr=0.005", "--config.test.filter_thr=0.005"]
+
+
+def _distributed(port, i, n=2):
+    return ["--distributed", f"--coordinator=127.0.0.1:{port}", f"--num_processes={n}",
+            f"--process_id={i}"]
+
+
+def _run_all(args_list, env):
+    procs = [subprocess.Popen(a, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for a in args_list]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=900)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-4000:]
+    return outs
 
 
 @pytest.mark.slow
@@ -53,27 +82,10 @@ def test_two_processes_equal_one_process_of_eight_devices(tmp_path):
     make_demo(str(data / "demo"), num_train=24, num_val=4)
     coco_builder.prepare(str(data / "demo"), str(data / "tfds"), progress=False)
 
-    single = subprocess.Popen(_args(data, tmp_path / "single"), cwd=ROOT, env=_env(8),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out_single, _ = single.communicate(timeout=900)
-    assert single.returncode == 0, out_single[-4000:]
-
+    out_single, = _run_all([_args(data, tmp_path / "single") + ["--eval"]], _env(8))
     port = _free_port()
-    procs = [subprocess.Popen(
-        _args(data, tmp_path / "multi") + ["--distributed", f"--coordinator=127.0.0.1:{port}",
-                                           "--num_processes=2", f"--process_id={i}"],
-        cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=900)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-4000:]
+    outs = _run_all([_args(data, tmp_path / "multi") + _distributed(port, i) for i in range(2)],
+                    _env(4))
     assert "local devices: 4 x cpu:cpu; 8 global, process 0 of 2" in outs[0], outs[0][-3000:]
     assert "local devices: 4 x cpu:cpu; 8 global, process 1 of 2" in outs[1], outs[1][-3000:]
     assert "local devices: 8 x cpu:cpu; 8 global, process 0 of 1" in out_single
@@ -97,10 +109,27 @@ def test_two_processes_equal_one_process_of_eight_devices(tmp_path):
     # into the parameters. Anything beyond rounding (a wrong data split, a missing
     # device) moves parameters by orders of magnitude more.
     assert worst <= 1e-5
-    import json
-
-    rows = lambda w: [json.loads(line) for line in open(w / "metrics.jsonl")]  # noqa: E731
+    rows = lambda w: [r for r in map(json.loads, open(w / "metrics.jsonl"))  # noqa: E731
+                      if "eval" not in r]  # training rows (the single run also evaluates)
     ls, lm = rows(tmp_path / "single"), rows(tmp_path / "multi")
     assert [r["step"] for r in ls] == [r["step"] for r in lm] == list(range(1, STEPS + 1))
     np.testing.assert_allclose([r["loss"] for r in lm], [r["loss"] for r in ls], rtol=1e-6)
     assert [r["num_pos"] for r in ls] == [r["num_pos"] for r in lm]  # same data split
+
+    # Evaluation on two processes (each predicts its share of the split; results are
+    # gathered) equals the single process's evaluation of the same weights above.
+    port = _free_port()
+    _run_all([[sys.executable, "-m", "solov2_jax.evaluate", "--config", "configs/tiny.py",
+               "--weights", str(tmp_path / "single" / "final_variables"),
+               "--workdir", str(tmp_path / "multi_eval"), "--backend", "cpu",
+               f"--config.data.coco_dir={data / 'demo'}",
+               f"--config.data.data_dir={data / 'tfds'}", *EVAL_OVERRIDES,
+               *_distributed(port, i)] for i in range(2)], _env(4))
+    one = json.load(open(tmp_path / "single" / "eval_val.json"))
+    two = json.load(open(tmp_path / "multi_eval" / "eval_val.json"))
+    assert one["num_images"] == two["num_images"] == 4
+    assert one["num_detections"] == two["num_detections"] > 0
+    for k in [k for k in one if k.startswith("segm_mAP")]:
+        assert one[k] == two[k], (k, one, two)
+    assert json.load(open(tmp_path / "single" / "results_val.segm.json")) == \
+        json.load(open(tmp_path / "multi_eval" / "results_val.segm.json"))
