@@ -3,7 +3,7 @@
 Same code paths as the real configs, with shapes small enough for a 2-core CPU.
 """
 
-from solov2_jax.config import solov2_config
+from solov2_jax.config import shrink_to_tiny, solov2_config
 
 
 def get_config():
@@ -20,17 +20,7 @@ def get_config():
         test_scale=(160, 128),
         num_classes=4,
     )
-    c.model.feat_channels = 64
-    c.model.mask_feature_channels = 32
-    c.model.mask_out_channels = 32
-    c.model.fpn_channels = 64
-    c.model.gn_groups = 8
-    c.model.num_grids = (12, 10, 8, 6, 4)
-    c.model.scale_ranges = ((1, 24), (12, 48), (24, 96), (48, 192), (96, 512))
-    c.loss.max_positives = 128
-    c.test.max_candidates = 200
-    c.test.nms_pre = 100
-    c.test.max_per_img = 20
+    shrink_to_tiny(c)
     c.data.per_device_batch = 2
     c.data.max_instances = 16
     c.data.min_size = 4

@@ -163,6 +163,23 @@ def solov2_config(
     return c
 
 
+def shrink_to_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The small model of configs/tiny.py and configs/demo.py (64-channel FPN and head,
+    32-channel mask features, grids 12..4 for objects up to 512 px), in place."""
+    c.model.feat_channels = 64
+    c.model.mask_feature_channels = 32
+    c.model.mask_out_channels = 32
+    c.model.fpn_channels = 64
+    c.model.gn_groups = 8
+    c.model.num_grids = (12, 10, 8, 6, 4)
+    c.model.scale_ranges = ((1, 24), (12, 48), (24, 96), (48, 192), (96, 512))
+    c.loss.max_positives = 128
+    c.test.max_candidates = 200
+    c.test.nms_pre = 100
+    c.test.max_per_img = 20
+    return c
+
+
 def light_ms3x_config(depth: int) -> ml_collections.ConfigDict:
     """mmdet `solov2-light_r{depth}_fpn_ms-3x_coco`."""
     return solov2_config(
