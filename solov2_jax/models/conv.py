@@ -59,7 +59,8 @@ def _nhwc_hwio(ndim: int):
 def _weight_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strides,
                  padding, rhs_dilation, precision, dtype) -> jax.Array:
     """dL/dW [KH, KW, Cin, Cout] of y = conv(x, W) from x [B, H, W, Cin] and
-    dy [B, OH, OW, Cout] (float32 accumulation, returned in `dtype`).
+    dy [B, OH, OW, Cout], accumulated in at least float32 (float64 under x64), returned
+    in `dtype`.
 
     Tap (i, j) reads rows i*dh + sh*o of the padded input. Split into sh*sw phases
     (x[:, r::sh, c::sw], together one copy of the input), every tap is a unit-stride
@@ -83,12 +84,14 @@ def _weight_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strid
     dy2 = dy.reshape(b * oh * ow, cout)
     # Contract over N on both sides (X^T dY) without materialising a transpose.
     tn = (((0,), (0,)), ((), ()))
+    acc = jnp.promote_types(jnp.result_type(x, dy), jnp.float32)
 
     def tap_grad(_, t):
-        tap = lax.dynamic_slice(phases, (t[0], 0, t[1], t[2], 0), (1, b, oh, ow, cin))
+        z = jnp.zeros((), t.dtype)  # one index dtype (x64 would make a bare 0 int64)
+        tap = lax.dynamic_slice(phases, (t[0], z, t[1], t[2], z), (1, b, oh, ow, cin))
         return None, lax.dot_general(tap.reshape(b * oh * ow, cin), dy2, tn,
                                      precision=precision,
-                                     preferred_element_type=jnp.float32)
+                                     preferred_element_type=acc)
 
     if len(taps) == 1:
         grad = tap_grad(None, jnp.asarray(taps[0]))[1][None]

@@ -99,6 +99,18 @@ def test_bf16_weight_gradient_keeps_the_kernel_dtype():
     _close(got[2].astype(jnp.float32), ref[2].astype(jnp.float32), rtol=2e-2)
 
 
+def test_float64_weight_gradient_stays_float64():
+    """Under x64 (the float64 parity test of the training step) nothing is rounded to
+    float32 on the way."""
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.PRNGKey(0), (1, 9, 9, 4), jnp.float64)
+        w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 5), jnp.float64)
+        ref = _grads("xla", x, w, (2, 2), ((1, 1), (1, 1)), (1, 1))
+        got = _grads("shifted", x, w, (2, 2), ((1, 1), (1, 1)), (1, 1))
+        assert got[2].dtype == jnp.float64
+        _close(got[2], ref[2], rtol=1e-13)
+
+
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_conv_module_with_canvas_mask(kernel):
     """ConvModule + GroupNorm with a canvas (masked input, masked GN statistics)."""
