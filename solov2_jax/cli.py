@@ -136,6 +136,9 @@ def absl_main(prog: str, doc: str, define_flags, execute, argv) -> int:
     """
     from absl import flags
 
+    from solov2_jax import reporting
+
+    reporting.setup(tensorflow=False)  # the console filter, before anything logs
     argv = [underscore_flag(a) for a in argv]
     fv = flags.FlagValues()
     define_flags(fv, argv)

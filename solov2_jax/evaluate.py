@@ -325,9 +325,7 @@ def _execute(fv) -> dict:
 def main(argv: list[str]) -> int:
     """CLI (callable in-process); returns the exit status. `--max-images` and
     `--max_images` both work; user errors are one line (`cli.absl_main`)."""
-    from solov2_jax import cli, reporting
-
-    reporting.setup(tensorflow=False)  # log filter before cli's compile-cache set-up logs
+    from solov2_jax import cli
 
     def execute(fv, inputs):
         _execute(fv)

@@ -245,13 +245,10 @@ def _feed(iterator, start: int, save_at, input_state: InputState):
 
 def prepare_data(config, workdir: str):
     """(TFDS builder, split size) of config.data (or the demo data under workdir)."""
-    from solov2_jax import reporting
     from solov2_jax.data import prepare
 
     def build():
-        # TFDS prints "Downloading and preparing dataset ..." whatever its log level.
-        with reporting.captured_stdout("TFDS"):
-            _, builder, summary = prepare.dataset_from_config(config.data, workdir)
+        _, builder, summary = prepare.dataset_from_config(config.data, workdir)
         return builder, summary
 
     # Process 0 builds first; the others then find it prepared (on a shared workdir) or
@@ -556,24 +553,13 @@ def _define_flags(fv, argv):
     flags.DEFINE_bool("eval", False, "evaluate (solov2_jax.evaluate) every "
                       "config.train.eval_every_epochs epochs (0: never during training) and "
                       "the final weights", flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "multi-host: jax.distributed.initialize()",
-                      flag_values=fv)
-    flags.DEFINE_string("coordinator", None, "with --distributed: host:port of process 0's "
-                        "coordinator (default: detected from the cluster environment)",
-                        flag_values=fv)
-    flags.DEFINE_integer("num_processes", None, "with --distributed: number of processes",
-                         flag_values=fv)
-    flags.DEFINE_integer("process_id", None, "with --distributed: this process's index",
-                         flag_values=fv)
     backend.add_flag(fv)
+    backend.add_distributed_flags(fv)
 
 
 def main(argv: list[str]) -> int:
     """CLI (callable in-process); returns the exit status. `--help` lists the flags; user
     errors print one `solov2-train: error: ...` line (`cli.absl_main`)."""
-    from solov2_jax import reporting
-
-    reporting.setup(tensorflow=False)  # log filter before cli's compile-cache set-up logs
     return cli.absl_main("solov2-train", __doc__, _define_flags, _execute, argv)
 
 
@@ -587,9 +573,7 @@ def _execute(fv, inputs) -> int:
         raise flags.Error("--config and --workdir are required")
     reporting.setup()  # quiet TF/TFDS/orbax before TensorFlow is imported
     plan = backend.configure(backend.requested(fv, config))  # before JAX initialises
-    if fv.distributed:
-        jax.distributed.initialize(coordinator_address=fv.coordinator,
-                                   num_processes=fv.num_processes, process_id=fv.process_id)
+    backend.initialize_distributed(fv)
     backend.start(plan)  # start-up report: backend, devices, processes
     evaluator = None
     if fv.eval:

@@ -332,8 +332,13 @@ def prepare(coco_dir: str, data_dir: str, name: str | None = None, *, progress=T
         # Our own tqdm (with totals) replaces TFDS's per-split bars.
         tfds.disable_progress_bar()
         try:
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-                manual_dir=os.path.abspath(coco_dir), try_download_gcs=False))
+            from solov2_jax import reporting
+
+            # TFDS prints "Downloading and preparing dataset ..." whatever its log level,
+            # for a builder that never downloads.
+            with reporting.captured_stdout("TFDS"):
+                builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                    manual_dir=os.path.abspath(coco_dir), try_download_gcs=False))
         finally:
             tfds.enable_progress_bar()
     summary = dict(builder.info.metadata.get("summary") or {})
