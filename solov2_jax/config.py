@@ -23,6 +23,8 @@ MS_SHORT_SIDES = (800, 768, 736, 704, 672, 640)
 LIGHT_MS_SHORT_SIDES = (512, 480, 448, 416, 384, 352)
 
 # ResNet output channels of C2..C5 for each depth.
+# models.conv.CHOICES (kept here so that reading a config never imports JAX).
+CONV_IMPLS = ("auto", "xla", "shifted", "shifted_dot1x1")
 RESNET_CHANNELS = {
     18: (64, 128, 256, 512),
     34: (64, 128, 256, 512),
@@ -78,6 +80,10 @@ def solov2_config(
     c.model.mask_stride = 4
     # Kernel size of the dynamic conv (mmdet: dynamic_conv_size=1 -> E = out_channels).
     c.model.dynamic_conv_size = 1
+    # Convolution implementation (models/conv.py): 'auto' = the custom-VJP weight gradient
+    # on the CPU backend, XLA's own convolutions elsewhere; or xla | shifted |
+    # shifted_dot1x1. Numerics: forward bitwise equal, weight gradients to 1e-5.
+    c.model.conv_impl = "auto"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.dice_weight = 3.0
@@ -285,6 +291,7 @@ def check_config(c) -> None:
     need("optim.lr", lambda v: finite(v) and v > 0, "a finite number > 0")
     need("model.head_dcn", lambda v: v in ("none", "all", "last"), "'none', 'all' or 'last'")
     need("model.groups", positive_int, "a positive integer")
+    need("model.conv_impl", lambda v: v in CONV_IMPLS, " | ".join(CONV_IMPLS))
     need("optim.momentum", lambda v: finite(v) and 0 <= v < 1, "in [0, 1)")
     need("optim.weight_decay", lambda v: finite(v) and v >= 0, "a finite number >= 0")
     need("optim.grad_clip_norm", lambda v: finite(v) and v > 0, "a finite number > 0")

@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-IMPLS = ("xla", "shifted", "shifted_dot1x1")
-CHOICES = ("auto",) + IMPLS
+from solov2_jax.config import CONV_IMPLS as CHOICES
+
+IMPLS = CHOICES[1:]  # CHOICES = config.CONV_IMPLS: ("auto", *IMPLS)
 
 
 def resolve(conv_impl: str = "auto", backend: str | None = None) -> str:
