@@ -22,9 +22,9 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 MS_SHORT_SIDES = (800, 768, 736, 704, 672, 640)
 LIGHT_MS_SHORT_SIDES = (512, 480, 448, 416, 384, 352)
 
-# ResNet output channels of C2..C5 for each depth.
 # models.conv.CHOICES (kept here so that reading a config never imports JAX).
 CONV_IMPLS = ("auto", "xla", "shifted", "shifted_dot1x1")
+# ResNet output channels of C2..C5 for each depth.
 RESNET_CHANNELS = {
     18: (64, 128, 256, 512),
     34: (64, 128, 256, 512),

@@ -130,17 +130,15 @@ def write_overlays(predictor, ann_file: str, out_dir: str, *, num_images: int,
     """Predictions scoring >= score_thr beside the ground truth, for the first num_images
     images (by id) of a COCO annotation file (images in <coco_dir>/<stem>/); returns the
     PNG paths."""
-    import contextlib
-    import io
-
     from pycocotools.coco import COCO
 
     from solov2_jax import visualize
     from solov2_jax.data import preprocess
+    from solov2_jax.reporting import captured_stdout
 
     if not os.path.isfile(ann_file):
         raise UserError(f"{ann_file}: no such file")
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading ..." lines
+    with captured_stdout("pycocotools"):  # "loading annotations into memory..."
         coco = COCO(ann_file)
     image_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ann_file))),
                              os.path.basename(ann_file)[len("instances_"):-len(".json")])
@@ -154,10 +152,9 @@ def write_overlays(predictor, ann_file: str, out_dir: str, *, num_images: int,
     for image_id, path, pred in zip(ids, paths, preds, strict=True):
         rgb = preprocess.read(path)[..., ::-1]
         gt_masks, gt_labels = ground_truth(coco, image_id, label_of)
-        keep = np.asarray(pred.scores) >= score_thr  # Matrix NMS keeps low-score duplicates
-        left = visualize.draw_instances(rgb, pred.masks[keep], pred.labels[keep],
-                                        pred.scores[keep], names, boxes=pred.boxes[keep],
-                                        min_side=min_side)
+        drawn = pred.above(score_thr)
+        left = visualize.draw_instances(rgb, drawn.masks, drawn.labels, drawn.scores, names,
+                                        boxes=drawn.boxes, min_side=min_side)
         right = visualize.draw_instances(rgb, gt_masks, gt_labels, None, names,
                                          min_side=min_side)
         picture = visualize.side_by_side(
@@ -195,10 +192,10 @@ def make_report(config, workdir: str, *, num_images: int = 6, min_side: int = 25
 
 def _define_flags(fv, argv):
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "configs/<name>.py (the training's)",
-                                    flag_values=fv, sys_argv=argv)
+    from solov2_jax import cli
+
+    cli.define_config_flag(fv, argv)  # packaged name or path (the training's config)
     flags.DEFINE_string("workdir", None, "the training workdir (metrics.jsonl, "
                         "checkpoints); the report goes to <workdir>/report", flag_values=fv)
     flags.DEFINE_integer("num_images", 6, "validation images drawn", flag_values=fv)

@@ -282,6 +282,16 @@ class Prediction:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def above(self, score_thr: float) -> Prediction:
+        """The detections scoring >= score_thr (what overlays draw: Matrix NMS decays
+        duplicates instead of removing them)."""
+        keep = np.asarray(self.scores) >= score_thr
+        return dataclasses.replace(
+            self, masks=self.masks[keep], boxes=self.boxes[keep], labels=self.labels[keep],
+            scores=self.scores[keep],
+            class_names=[n for n, k in zip(self.class_names, keep, strict=True) if k],
+            category_ids=[c for c, k in zip(self.category_ids, keep, strict=True) if k])
+
     def instances(self) -> list[dict]:
         """JSON-safe instances: COCO RLE mask, bbox xyxy, score, category id/name, label."""
         return [{"category_id": int(c), "category_name": n, "label": int(lab),
@@ -607,11 +617,10 @@ def run_predict(predictor: Predictor, inputs: Sequence[str], out_dir: str, *,
             atomic_write(os.path.join(out_dir, f"{names[i]}.json"), dumps_strict(
                 {"file": os.path.abspath(paths[i]), "height": h, "width": w,
                  "instances": insts}, indent=1))
-            keep = np.asarray(pred.scores) >= draw_thr
+            drawn = pred.above(draw_thr)
             overlay = visualize.draw_instances(
-                img[..., ::-1], pred.masks[keep], pred.labels[keep], pred.scores[keep],
-                [c["name"] for c in predictor.classes], boxes=pred.boxes[keep],
-                min_side=min_side)
+                img[..., ::-1], drawn.masks, drawn.labels, drawn.scores,
+                [c["name"] for c in predictor.classes], boxes=drawn.boxes, min_side=min_side)
             visualize.save_png(os.path.join(out_dir, f"{names[i]}.png"), overlay)
             for inst in insts:
                 x1, y1, x2, y2 = inst["bbox"]
