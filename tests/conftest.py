@@ -40,6 +40,19 @@ def mmcv_ops(mmdet):
 
 
 @pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(root, TFDS builder): 16 train / 4 val images of the default (hard) demo preset in
+    root/demo, prepared into root/tfds; one copy per test module (modules may damage it)."""
+    from solov2_jax.data import coco_builder
+    from solov2_jax.data.make_demo import make_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo(str(root / "demo"), num_train=16, num_val=4)
+    builder, _ = coco_builder.prepare(str(root / "demo"), str(root / "tfds"), progress=False)
+    return root, builder
+
+
+@pytest.fixture(scope="module")
 def module_compile_cache(tmp_path_factory):
     """A persistent XLA compilation cache private to the requesting test module (restored
     afterwards), for modules that run the same training programs many times."""

@@ -19,7 +19,6 @@ import pytest
 
 from solov2_jax import checkpoint, cli, convert, train
 from solov2_jax.data import coco_builder, prepare
-from solov2_jax.data.make_demo import make_demo
 from tests.data.test_coco_builder import CATS, _jpeg, _poly
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,11 +29,9 @@ pytestmark = pytest.mark.usefixtures("module_compile_cache")
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults_demo")
-    make_demo(str(root / "demo"), num_train=16, num_val=4)
-    coco_builder.prepare(str(root / "demo"), str(root / "tfds"), progress=False)
-    return root
+def demo(demo):
+    """The root of conftest's demo data (root/demo, root/tfds); this module needs no builder."""
+    return demo[0]
 
 
 def _argv(root, workdir, max_steps, *extra):

@@ -14,22 +14,13 @@ from flax import traverse_util
 
 from configs import tiny
 from solov2_jax import precision, train
-from solov2_jax.data import coco_builder, pipeline
-from solov2_jax.data.make_demo import make_demo
+from solov2_jax.data import pipeline
 from solov2_jax.structures import local_mesh
 
 # 20 steps: the asserted first window plus one reported one; the 50-step curves are in
 # experiments/RESULTS.md (4 runs x 50 steps took 8 minutes of CI time for one assert).
 STEPS, LOG_EVERY = 20, 10
 TOLERANCE = {"bf16": 0.02, "fp16": 0.01}  # relative, at every logged step (issue 11)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("precision_demo")
-    make_demo(str(root / "demo"), num_train=16, num_val=4)
-    builder, _ = coco_builder.prepare(str(root / "demo"), str(root / "tfds"), progress=False)
-    return root, builder
 
 
 def _config(root, prec, **train_overrides):

@@ -17,8 +17,7 @@ from flax import traverse_util
 import solov2_jax
 from configs import tiny
 from solov2_jax import convert, train
-from solov2_jax.data import coco_builder, pipeline
-from solov2_jax.data.make_demo import make_demo
+from solov2_jax.data import pipeline
 
 NUM_DEV = 8
 
@@ -26,14 +25,6 @@ NUM_DEV = 8
 # Persistent XLA cache for this module (tests/conftest.py): every run below compiles the
 # same two programs (one per bucket shape), so only the first compile of each is paid for.
 pytestmark = pytest.mark.usefixtures("module_compile_cache")
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_demo")
-    make_demo(str(root / "demo"), num_train=16, num_val=4)
-    builder, _ = coco_builder.prepare(str(root / "demo"), str(root / "tfds"), progress=False)
-    return root, builder
 
 
 def _config(root):
