@@ -97,6 +97,12 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
     return {"counts": runs, "size": [int(mask.shape[0]), int(mask.shape[1])]}
 
 
+def _compressed_rle(mask: np.ndarray) -> dict:
+    """COCO's compressed RLE (pycocotools), counts as a JSON string: how rings are stored."""
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    return {"counts": rle["counts"].decode("ascii"), "size": rle["size"]}
+
+
 def _polygons(mask: np.ndarray) -> list[list[float]]:
     """Outer contours as COCO polygons (several parts when occlusion split the shape)."""
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -152,8 +158,7 @@ def _draw_image(rng, index: int):
         if crowd:
             segm = _uncompressed_rle(visible)
         elif cat_id == 9:
-            rle = mask_utils.encode(np.asfortranarray(visible))
-            segm = {"counts": rle["counts"].decode("ascii"), "size": rle["size"]}
+            segm = _compressed_rle(visible)
         else:
             segm = _polygons(visible)
             if not segm:
@@ -216,8 +221,7 @@ def _draw_easy_image(rng, index: int):
         color = np.clip(np.asarray(_EASY_COLORS[cat_id]) + rng.uniform(-25, 25, 3), 0, 255)
         image[mask.astype(bool)] = color
         if cat_id == 9:
-            rle = mask_utils.encode(np.asfortranarray(mask))
-            segm = {"counts": rle["counts"].decode("ascii"), "size": rle["size"]}
+            segm = _compressed_rle(mask)
         else:
             segm = _polygons(mask)
         ann = _annotation(segm, h, w, cat_id, False)
