@@ -78,11 +78,26 @@ def _child(directory, runtime, groups, tmp_path):
     return np.load(out)
 
 
-def _compare(loaded, groups, reference, what, exact_masks=True):
-    """Same labels, scores within 1e-5, masks identical (or, with exact_masks=False,
-    differing in at most 1e-5 of the pixels); returns (largest score gap, pixels that
-    differ, pixels compared)."""
-    worst, flipped, pixels = 0.0, 0, 0
+def _threshold_edge(ref: np.ndarray) -> np.ndarray:
+    """[N, H, W] bool -> [N, H, W] bool: pixels with a 4-neighbour of the other value,
+    i.e. where the probability map crosses mask_thr between two adjacent pixels."""
+    edge = np.zeros_like(ref)
+    vertical = ref[:, 1:] != ref[:, :-1]
+    horizontal = ref[:, :, 1:] != ref[:, :, :-1]
+    edge[:, 1:] |= vertical
+    edge[:, :-1] |= vertical
+    edge[:, :, 1:] |= horizontal
+    edge[:, :, :-1] |= horizontal
+    return edge
+
+
+def _compare(loaded, groups, reference, what, max_flips=None):
+    """Same labels, scores within 1e-5 and masks identical — or, with max_flips=k, masks
+    that differ only in pixels on the reference mask's threshold edge (`_threshold_edge`)
+    and in at most k pixels per instance: the signature of float rounding near mask_thr,
+    which an interior hole or a shifted mask does not have. Returns (largest score gap,
+    pixels that differ, most in one instance, pixels compared)."""
+    worst, flipped, most, pixels = 0.0, 0, 0, 0
     for g, files in enumerate(groups):
         for i, f in enumerate(files):
             ref = reference[g][i]
@@ -94,16 +109,23 @@ def _compare(loaded, groups, reference, what, exact_masks=True):
             worst = max(worst, gap)
             masks = loaded[f"{g}_{i}_masks"]
             assert masks.shape == ref.masks.shape
-            flipped += int((masks != ref.masks).sum())
+            differ = masks != ref.masks
+            per_instance = differ.sum(axis=(1, 2))
+            flipped += int(per_instance.sum())
+            most = max(most, int(per_instance.max()))
             pixels += masks.size
-            if exact_masks:
+            if max_flips is None:
                 np.testing.assert_array_equal(masks, ref.masks, err_msg=f"{what} {f}")
                 np.testing.assert_array_equal(loaded[f"{g}_{i}_boxes"], ref.boxes)
-            else:  # boxes stay the tight boxes of the masks the runtime produced
-                np.testing.assert_array_equal(loaded[f"{g}_{i}_boxes"],
-                                              predict.mask_boxes(masks, xp=np))
-    assert flipped <= 1e-5 * pixels, (what, flipped, pixels)
-    return worst, flipped, pixels
+                continue
+            off_edge = np.argwhere(differ & ~_threshold_edge(ref.masks))
+            assert not len(off_edge), (what, f, "pixels off the threshold edge differ "
+                                       "(instance, y, x)", off_edge[:10].tolist())
+            assert per_instance.max() <= max_flips, (what, f, per_instance.tolist())
+            # boxes stay the tight boxes of the masks the runtime produced
+            np.testing.assert_array_equal(loaded[f"{g}_{i}_boxes"],
+                                          predict.mask_boxes(masks, xp=np))
+    return worst, flipped, most, pixels
 
 
 def _reference(config, variables, groups):  # noqa: F811
@@ -145,7 +167,7 @@ def test_jax_export_reloads_in_a_fresh_process(exported, variables, photos, tmp_
     groups = [[photos["portrait"]], [photos["rocket"], photos["coffee"], photos["chelsea"]]]
     reference = _reference(config, variables, groups)
     loaded = _child(directory, "jax", groups, tmp_path)
-    gap, _, _ = _compare(loaded, groups, reference, "jax.export")
+    gap, _, _, _ = _compare(loaded, groups, reference, "jax.export")
     print(f"jax.export reload: largest score difference {gap:.3g}")
 
 
@@ -155,12 +177,16 @@ def test_onnx_reloads_in_onnx_runtime(exported, variables, photos, tmp_path):  #
     groups = [[photos["rocket"]], [photos["rocket"], photos["coffee"], photos["chelsea"]]]
     reference = _reference(config, variables, groups)
     loaded = _child(directory, "onnx", groups, tmp_path)
-    # ONNX Runtime's kernels round differently from XLA's: a mask pixel whose value is
-    # within float rounding of mask_thr can flip (measured: 12 of 5.5M at batch 1), so
-    # masks are compared up to 1e-5 of their pixels; jax.export above is exact.
-    gap, flipped, pixels = _compare(loaded, groups, reference, "onnx", exact_masks=False)
+    # ONNX Runtime's kernels round differently from XLA's, so a mask pixel whose value is
+    # within float rounding of mask_thr can flip; pixel identity across two float
+    # runtimes is not achievable. Measured (2-core CPU, onnxruntime 1.32): 12 of 5.47M
+    # pixels at batch 1 and 14 of 12.97M at batch 3 differ, every one on its reference
+    # mask's threshold edge (4-neighbours), at most 2 in one instance. So masks may
+    # differ only on threshold edges, by at most 8 pixels per instance (an interior
+    # pixel, a stray background pixel or a one-pixel shift fail); jax.export is exact.
+    gap, flipped, most, pixels = _compare(loaded, groups, reference, "onnx", max_flips=8)
     print(f"ONNX Runtime: largest score difference {gap:.3g}, {flipped} of {pixels} mask "
-          "pixels differ")
+          f"pixels differ (all on a threshold edge), at most {most} in one instance")
 
 
 def test_load_errors_are_one_line(exported, tmp_path, photos):
