@@ -1,10 +1,11 @@
 """Overlay pictures of instance masks: one drawing implementation for every picture.
 
 `draw_instances` paints each instance's mask in its own colour (alpha-blended), its
-outline, a "name score" tag at its box, and a legend panel on the right; `side_by_side`
-puts pictures next to each other with titles (e.g. predictions beside ground truth);
-`save_png` writes one atomically. Images are RGB uint8 [H, W, 3] throughout; only numpy
-and OpenCV are used (no display, no matplotlib).
+outline, a "name score" tag at its box (placed by `place_tags` so that tags do not cover
+each other), and a legend panel on the right; `side_by_side` puts pictures next to each
+other with titles (e.g. predictions beside ground truth); `save_png` writes one
+atomically. Images are RGB uint8 [H, W, 3] throughout; only numpy and OpenCV are used
+(no display, no matplotlib).
 """
 
 from __future__ import annotations
@@ -34,17 +35,86 @@ def _text_scale(h: int, w: int) -> tuple[float, int]:
     return scale, max(1, int(round(scale * 2)))
 
 
-def _tag(img: np.ndarray, text: str, x: int, y: int, color, scale: float, thick: int):
-    """A filled tag with dark or light text (whichever contrasts) at (x, y) top-left."""
+def _tag_size(text: str, scale: float, thick: int) -> tuple[int, int]:
+    """(width, height) in pixels of the filled rectangle `_tag` draws for `text`."""
     (tw, th), base = cv2.getTextSize(text, _FONT, scale, thick)
+    return tw + 5, th + base + 5
+
+
+def _tag(img: np.ndarray, text: str, x: int, y: int, color, scale: float, thick: int):
+    """A filled tag with dark or light text (whichever contrasts) at (x, y) top-left,
+    moved inside the picture where it would stick out."""
+    tw, th = _tag_size(text, scale, thick)
     h, w = img.shape[:2]
-    x = int(np.clip(x, 0, max(0, w - tw - 4)))
-    y = int(np.clip(y, 0, max(0, h - th - base - 4)))
-    cv2.rectangle(img, (x, y), (x + tw + 4, y + th + base + 4), tuple(int(c) for c in color),
-                  -1)
+    x = int(np.clip(x, 0, max(0, w - tw)))
+    y = int(np.clip(y, 0, max(0, h - th)))
+    cv2.rectangle(img, (x, y), (x + tw - 1, y + th - 1), tuple(int(c) for c in color), -1)
     dark = sum(int(c) * k for c, k in zip(color, (0.299, 0.587, 0.114), strict=True)) > 140
-    cv2.putText(img, text, (x + 2, y + th + 2), _FONT, scale,
+    text_h = cv2.getTextSize(text, _FONT, scale, thick)[0][1]
+    cv2.putText(img, text, (x + 2, y + text_h + 2), _FONT, scale,
                 (0, 0, 0) if dark else (255, 255, 255), thick, cv2.LINE_AA)
+
+
+# Where a tag may go, after the three anchors: shifts of the box's inside top-left corner
+# in tag heights (rows, columns), nearest first; at equal distance down before right
+# before up/left, so crowded tags stack into a readable column under the box's corner.
+_STEPS = 8
+_SHIFTS = np.asarray(sorted(
+    ((r, c) for r in range(-_STEPS, _STEPS + 1) for c in range(-_STEPS, _STEPS + 1)
+     if (r, c) != (0, 0)),
+    key=lambda rc: (abs(rc[0]) + abs(rc[1]), (rc[0] < 0) + (rc[1] < 0), abs(rc[1]),
+                    rc[0] < 0)), np.int64).reshape(-1, 2)
+
+
+def _overlap(cands: np.ndarray, placed: np.ndarray) -> np.ndarray:
+    """Total intersection area [C] of each candidate rectangle [C, 4] with placed [P, 4]
+    (xyxy, x2/y2 exclusive)."""
+    if not len(placed):
+        return np.zeros(len(cands), np.int64)
+    iw = (np.minimum(cands[:, None, 2], placed[None, :, 2])
+          - np.maximum(cands[:, None, 0], placed[None, :, 0])).clip(0)
+    ih = (np.minimum(cands[:, None, 3], placed[None, :, 3])
+          - np.maximum(cands[:, None, 1], placed[None, :, 1])).clip(0)
+    return (iw * ih).sum(axis=1)
+
+
+def _placing_order(scores, n: int) -> np.ndarray:
+    """Indices [n]: highest score first (ties and scores=None: index order)."""
+    if scores is None:
+        return np.arange(n)
+    return np.argsort(-np.asarray(scores, np.float64).reshape(-1), kind="stable")
+
+
+def place_tags(sizes, boxes, hw: tuple[int, int], scores=None, taken=None) -> np.ndarray:
+    """Non-overlapping tag rectangles [N, 4] int xyxy (x2/y2 exclusive), one per box.
+
+    sizes [N, 2] (width, height) of each tag, boxes [N, 4] xyxy, hw the picture's
+    (height, width); scores [N] or None (then index order) decide who is placed first
+    (highest first, ties by index); taken [M, 4] are rectangles to keep clear (a title).
+    Each tag takes the first candidate that overlaps no tag placed before it — above the
+    box's top-left corner, inside it, below the bottom-left corner, then the inside
+    corner shifted by whole tag heights (`_SHIFTS`) — every candidate moved inside the
+    picture; if none is free, the candidate with the least overlap area. Deterministic.
+    """
+    sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    n, (h, w) = len(sizes), hw
+    if len(boxes) != n:
+        raise ValueError(f"place_tags: {n} tag sizes but {len(boxes)} boxes")
+    placed = [np.asarray([] if taken is None else taken, np.int64).reshape(-1, 4)]
+    out = np.zeros((n, 4), np.int64)
+    for i in _placing_order(scores, n):
+        tw, th = (int(v) for v in sizes[i])
+        x1, y1, y2 = int(np.floor(boxes[i, 0])), int(np.floor(boxes[i, 1])), int(boxes[i, 3])
+        xy = np.concatenate([[[x1, y1 - th], [x1, y1], [x1, y2]],
+                             [x1, y1] + _SHIFTS[:, ::-1] * th])
+        xy[:, 0] = xy[:, 0].clip(0, max(0, w - tw))
+        xy[:, 1] = xy[:, 1].clip(0, max(0, h - th))
+        cands = np.concatenate([xy, xy + [tw, th]], axis=1)
+        area = _overlap(cands, np.concatenate(placed))
+        out[i] = cands[int(np.argmin(area))]  # the first free one, else the least overlap
+        placed.append(out[i][None])
+    return out
 
 
 def draw_instances(image: np.ndarray, masks, labels, scores, class_names: Sequence[str],
@@ -97,10 +167,19 @@ def draw_instances(image: np.ndarray, masks, labels, scores, class_names: Sequen
                                        cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(img, contours, -1, tuple(int(c) for c in colors[i]), line,
                          cv2.LINE_AA)
-    for i in range(n):
-        if masks[i].any():
-            x1, y1 = int(boxes[i, 0]), int(boxes[i, 1])
-            _tag(img, f"{i}: {name(i)}", x1, y1, colors[i], scale * 0.8, max(1, thick - 1))
+    tagged = [i for i in range(n) if masks[i].any()]
+    texts = [f"{i}: {name(i)}" for i in tagged]
+    tag_scale, tag_thick = scale * 0.8, max(1, thick - 1)
+    taken = np.zeros((0, 4), np.int64)
+    if title:  # drawn last at the top-left corner: tags keep clear of it
+        taken = np.asarray([[0, 0, *_tag_size(title, scale, thick)]], np.int64)
+    tag_scores = None if scores is None else np.asarray(scores, np.float64)[tagged]
+    rects = place_tags([_tag_size(t, tag_scale, tag_thick) for t in texts], boxes[tagged],
+                       (h, w), tag_scores, taken)
+    # Placement order reversed: where tags had to overlap, the best-scored one is on top.
+    for k in _placing_order(tag_scores, len(tagged))[::-1]:
+        _tag(img, texts[k], int(rects[k, 0]), int(rects[k, 1]), colors[tagged[k]],
+             tag_scale, tag_thick)
     if title:
         _tag(img, title, 0, 0, (32, 32, 32), scale, thick)
     if not legend:
