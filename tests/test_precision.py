@@ -9,6 +9,7 @@ state stay float32 in every mode; the loss curves (train.log_every-step window m
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 
@@ -17,10 +18,15 @@ from solov2_jax import precision, train
 from solov2_jax.data import pipeline
 from solov2_jax.structures import local_mesh
 
-# 20 steps: the asserted first window plus one reported one; the 50-step curves are in
-# experiments/RESULTS.md (4 runs x 50 steps took 8 minutes of CI time for one assert).
-STEPS, LOG_EVERY = 20, 10
+# The tiny config's 320-step schedule on the 16 demo images (8 steps per epoch, lr x0.1
+# at epoch 34 = step 272): float32 trains steps 1-270, then float32, bf16 and fp16 each
+# train the last 50 steps from that state. From random initialisation no precision can
+# track float32 (not even float32 itself: see experiments/RESULTS.md, "Where the
+# mixed-precision divergence comes from"), so the curves are compared where float32
+# reproduces itself.
+WARM, STEPS, LOG_EVERY = 270, 50, 10
 TOLERANCE = {"bf16": 0.02, "fp16": 0.01}  # relative, at every logged step (issue 11)
+CONTROL_TOLERANCE = 1e-3  # float32 with its state scaled by 1 + 2**-20
 
 
 def _config(root, prec, **train_overrides):
@@ -40,13 +46,19 @@ def _host_batches(builder, cfg, n):
             for b, _ in zip(it, range(n), strict=False)]
 
 
-def _train(builder, cfg, batches, perturb: float = 0.0):
-    """Per-step metrics (host) and the final state of `len(batches)` steps on 1 device;
-    `perturb` scales the initial parameters by (1 + perturb) (a rounding-level control)."""
+def _train(builder, cfg, batches, perturb: float = 0.0, start=None):
+    """Per-step metrics (host) and the final state of `len(batches)` steps on 1 device,
+    from PRNGKey(0)'s initial state or from `start` (a float32 run's TrainState: step,
+    parameters and optimiser state; fp16 wraps its optimiser state with a fresh loss
+    scale); `perturb` scales the parameters by (1 + perturb) (a rounding-level control)."""
     devices = jax.local_devices()[:1]
     num_images = builder.info.splits["train"].num_examples
     model, tx, schedule, trainable, _, _ = train.build_training(cfg, num_images, 2)
     state = train.create_train_state(cfg, jax.random.PRNGKey(0), model=model, tx=tx)
+    if start is not None:
+        opt_state = (dict(state.opt_state, tx=start.opt_state)
+                     if precision.loss_scale_period(cfg) else start.opt_state)
+        state = state.replace(step=start.step, params=start.params, opt_state=opt_state)
     if perturb:
         state = state.replace(params=jax.tree.map(lambda x: x * (1 + perturb), state.params))
     p_step, _ = train.make_p_train_step(cfg, model, tx, schedule, trainable, devices=devices)
@@ -61,20 +73,21 @@ def _train(builder, cfg, batches, perturb: float = 0.0):
 
 @pytest.mark.slow
 def test_mixed_precision_loss_curves_vs_fp32(demo, capsys):
-    """Measured, and asserted where it holds (see experiments/RESULTS.md): the first logged
-    window (steps 1-10, warm-up lr) is within 2% (bf16) / 1% (fp16) of float32. Later
-    windows are reported, not asserted: at this batch size (2) the trajectories separate
-    (the float32 run itself moves comparably when its initial parameters are scaled by
-    1 + 2**-20, the control printed alongside)."""
+    """The last 50 steps of the tiny config's schedule (after float32's first 270): the
+    logged loss (10-step means, as metrics.jsonl) of bf16 within 2% and of fp16 within
+    1% of float32's at every logged step; float32 from its state scaled by 1 + 2**-20
+    (the control) within 0.1%, so the setting measures precision, not chaos."""
     import time
 
     root, builder = demo
-    batches = _host_batches(builder, _config(root, "fp32"), STEPS)
+    assert builder.info.splits["train"].num_examples == 16  # the schedule above
+    batches = _host_batches(builder, _config(root, "fp32"), WARM + STEPS)
+    _, start = _train(builder, _config(root, "fp32"), batches[:WARM])
     runs, seconds = {}, {}
     for name, prec, perturb in (("fp32", "fp32", 0.0), ("fp32+2^-20", "fp32", 2.0**-20),
                                 ("bf16", "bf16", 0.0), ("fp16", "fp16", 0.0)):
         t0 = time.perf_counter()
-        runs[name] = _train(builder, _config(root, prec), batches, perturb)
+        runs[name] = _train(builder, _config(root, prec), batches[WARM:], perturb, start)
         seconds[name] = time.perf_counter() - t0
     ref = np.array([m["loss"] for m in runs["fp32"][0]])
     logged = lambda x: x.reshape(-1, LOG_EVERY).mean(axis=1)  # noqa: E731
@@ -86,20 +99,25 @@ def test_mixed_precision_loss_curves_vs_fp32(demo, capsys):
         rels[name] = rel = np.abs(logged(loss) - logged(ref)) / logged(ref)
         per_step = np.abs(loss - ref) / ref
         lines.append(f"{name}: rel. deviation of the logged loss vs fp32 at steps "
-                     f"{list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))}: "
-                     f"{np.round(rel, 4).tolist()}; per step (first 12) "
-                     f"{np.round(per_step[:12], 5).tolist()}, max {per_step.max():.3f} "
+                     f"{list(range(WARM + LOG_EVERY, WARM + STEPS + 1, LOG_EVERY))}: "
+                     f"{np.round(rel, 5).tolist()}; per step max {per_step.max():.4f} "
                      f"({seconds[name]:.0f} s incl. compile)")
         # params and optimiser state stay float32
         dtypes = {str(x.dtype) for x in jax.tree.leaves((final.params, final.opt_state))
                   if jnp.issubdtype(x.dtype, jnp.floating)}
         assert dtypes == {"float32"}, dtypes
+    # the compared steps do train (a zero learning rate would make any precision agree)
+    moved = optax.global_norm(jax.tree.map(jnp.subtract, runs["fp32"][1].params,
+                                           start.params)) / optax.global_norm(start.params)
     with capsys.disabled():
-        print("\n" + "\n".join(lines))
+        print("\n" + "\n".join(lines) +
+              f"\nfp32 parameters moved {float(moved):.2e} (relative)")
+    assert moved > 1e-6, moved
     assert sum(m["fp16_overflow"] for m in runs["fp16"][0]) == 0
     assert runs["fp16"][1].opt_state["loss_scale"]["scale"] == 512.0  # the default
+    assert rels["fp32+2^-20"].max() <= CONTROL_TOLERANCE, lines
     for prec in ("bf16", "fp16"):
-        assert rels[prec][0] <= TOLERANCE[prec], lines
+        assert rels[prec].max() <= TOLERANCE[prec], lines
 
 
 def test_fp16_overflow_skips_the_step_and_halves_the_scale(demo):
