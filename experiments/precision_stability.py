@@ -155,7 +155,7 @@ class Run:
 
             b = jax.tree.map(lambda x: x[0], batch)
             variables = {"params": params, "batch_stats": self.state0.batch_stats}
-            out = precision.to_float32(model.apply(variables, b["image"], b.get("canvas")))
+            out = precision.widen_floats(model.apply(variables, b["image"], b.get("canvas")))
             t = batch_targets(b["gt_boxes"], b["gt_labels"], b["gt_centers"], b["gt_valid"],
                               b.get("canvas"), featmap_hw=out.mask_feats.shape[1:3],
                               **{k: v for k, v in target_kwargs(cfg, (0, 0)).items()

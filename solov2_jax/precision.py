@@ -38,7 +38,7 @@ def at_least_float32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def to_float32(tree):
+def widen_floats(tree):
     """Floating leaves of `tree` (e.g. a SOLOv2Output) `at_least_float32`; others unchanged."""
     return jax.tree.map(
         lambda x: at_least_float32(x) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

@@ -122,7 +122,7 @@ def infer_fn(model_cfg, test_cfg, out_hw: Sequence[int], precision: str = "fp32"
     post = postprocess_fn(test_cfg, model_cfg, tuple(int(v) for v in out_hw))
 
     def infer(variables, image, img_shape, ori_shape, canvas):
-        out = precision_lib.to_float32(model.apply(variables, image, canvas))
+        out = precision_lib.widen_floats(model.apply(variables, image, canvas))
         dets = post(out.kernel_preds, out.cls_preds, out.mask_feats, img_shape, ori_shape,
                     canvas)
         return {"masks": dets.masks, "boxes": mask_boxes(dets.masks), "scores": dets.scores,

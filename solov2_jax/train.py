@@ -121,7 +121,7 @@ def train_step(state: TrainState, batch: dict, *, model, trainable, target_kw: d
 
     def loss_fn(tp):
         variables = {"params": optim.merge(tp, frozen_p), "batch_stats": state.batch_stats}
-        out = precision.to_float32(model.apply(variables, batch["image"], batch.get("canvas")))
+        out = precision.widen_floats(model.apply(variables, batch["image"], batch.get("canvas")))
         targets = batch_targets(batch["gt_boxes"], batch["gt_labels"], batch["gt_centers"],
                                 batch["gt_valid"], batch.get("canvas"),
                                 featmap_hw=out.mask_feats.shape[1:3], **target_kw)

@@ -174,7 +174,7 @@ def test_compute_dtype_and_float32_outputs():
     cfg.train.precision = "fp8"
     with pytest.raises(Exception, match="fp32, bf16 or fp16"):
         precision.name(cfg)
-    out = precision.to_float32({"a": jnp.ones(2, jnp.float16), "b": jnp.ones(2, jnp.int32)})
+    out = precision.widen_floats({"a": jnp.ones(2, jnp.float16), "b": jnp.ones(2, jnp.int32)})
     assert out["a"].dtype == jnp.float32 and out["b"].dtype == jnp.int32
 
 
