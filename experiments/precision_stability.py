@@ -115,8 +115,6 @@ class Run:
     """One configuration: model, optimiser, an unpmapped jitted step and its jvp."""
 
     def __init__(self, cfg, builder, prec="fp32"):
-        import functools
-
         from solov2_jax import optim, precision, train
         from solov2_jax.losses import loss_kwargs
         from solov2_jax.structures import DATA_AXIS
@@ -128,12 +126,7 @@ class Run:
         model, tx, schedule, trainable, _, _ = train.build_training(cfg, n, 2)
         self.model, self.schedule, self.trainable = model, schedule, trainable
         self.state0 = train.create_train_state(cfg, jax.random.PRNGKey(0), model=model, tx=tx)
-        step = functools.partial(
-            train.train_step, model=model, trainable=trainable, tx=tx, schedule=schedule,
-            target_kw={k: v for k, v in target_kwargs(cfg, (0, 0)).items()
-                       if k != "featmap_hw"},
-            loss_kw=loss_kwargs(cfg, DATA_AXIS),
-            loss_scaling=precision.loss_scale_period(cfg))
+        step = train.bind_train_step(cfg, model, tx, schedule, trainable)
         # pmean over a vmapped axis of size 1: the pmapped step's maths on one device.
         vstep = jax.vmap(step, in_axes=(None, 0), axis_name=DATA_AXIS)
 

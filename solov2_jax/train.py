@@ -159,15 +159,21 @@ def train_step(state: TrainState, batch: dict, *, model, trainable, target_kw: d
     return new_state, jax.lax.pmean(metrics, AXIS)
 
 
-def make_p_train_step(config, model, tx, schedule, trainable, devices=None):
-    """(pmapped train_step donating the state, list of traced per-device image shapes);
-    `devices` as jax.pmap's (default: every local device)."""
-    traces = []
-    step = functools.partial(
+def bind_train_step(config, model, tx, schedule, trainable):
+    """`train_step(state, batch)` with the config's static arguments bound (not mapped:
+    its collectives run over axis AXIS, so call it under pmap or vmap with that name)."""
+    return functools.partial(
         train_step, model=model, trainable=trainable, tx=tx, schedule=schedule,
         target_kw={k: v for k, v in target_kwargs(config, (0, 0)).items()
                    if k != "featmap_hw"},
         loss_kw=loss_kwargs(config, AXIS), loss_scaling=precision.loss_scale_period(config))
+
+
+def make_p_train_step(config, model, tx, schedule, trainable, devices=None):
+    """(pmapped train_step donating the state, list of traced per-device image shapes);
+    `devices` as jax.pmap's (default: every local device)."""
+    traces = []
+    step = bind_train_step(config, model, tx, schedule, trainable)
     if int(config.train.get("max_nonfinite_skips", 0)) > 0:  # off by default
         step = skip_nonfinite_updates(step)
 
